@@ -1,0 +1,1 @@
+"""Data: the built-in procedural shapes world (`shapes`, `shapes_render`); numpy only, no JAX."""

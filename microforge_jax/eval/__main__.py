@@ -1,0 +1,151 @@
+"""ShapesEval from the command line.
+
+  python -m microforge_jax.eval --num 200 --resolution 64 --split heldout --out eval.json
+      scores the dataset's own renders of the first N prompts of a split (a sanity check: ~100%).
+  python -m microforge_jax.eval --split heldout --num 200 --dump-prompts prompts.json
+      writes [{"index", "caption", "scene"}] for an external sampler, which saves `<index>.png`.
+  python -m microforge_jax.eval --images DIR [--scenes scenes.json] --split heldout --out eval.json
+      scores PNGs named by prompt index (`7.png`, `00007.png`); scenes come from --scenes (a JSON list
+      of scene dicts, or the --dump-prompts file), else DIR/scenes.json, else the split's prompts.
+Bad input prints one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from microforge_jax.data.shapes import SPLITS, Scene, caption_for, render_scene, scene_for_index
+from microforge_jax.eval.shapes_eval import evaluate, evaluate_generator, format_table
+
+
+class InputError(Exception):
+    """Bad user input: reported as one line, exit status 2."""
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m microforge_jax.eval", description="ShapesEval (analytic).")
+    p.add_argument("--num", type=int, default=None, help="number of prompts (default 200; all PNGs with --images)")
+    p.add_argument("--resolution", type=int, default=64, help="render resolution for ground-truth scoring")
+    p.add_argument("--split", choices=SPLITS, default="heldout")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed of the prompts")
+    p.add_argument("--template", type=int, default=0, help="caption template of the prompts")
+    p.add_argument("--images", type=Path, default=None, help="folder of <index>.png to score")
+    p.add_argument("--scenes", type=Path, default=None, help="JSON scenes for --images")
+    p.add_argument("--dump-prompts", type=Path, default=None, help="write the prompts as JSON and exit")
+    p.add_argument("--out", type=Path, default=None, help="write the report as JSON")
+    return p.parse_args(argv)
+
+
+def _load_scenes(path: Path) -> list[Scene] | dict[int, Scene]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read scenes file {path}: {e}") from None
+    if isinstance(data, dict) and "scenes" in data:
+        data = data["scenes"]
+    if not isinstance(data, list):
+        raise InputError(f"scenes file {path} must hold a JSON list")
+    try:
+        if data and isinstance(data[0], dict) and "index" in data[0]:  # the --dump-prompts format
+            return {int(d["index"]): Scene.from_dict(d["scene"]) for d in data}
+        return [Scene.from_dict(d) for d in data]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"bad scene in {path}: {e}") from None
+
+
+def _load_images(folder: Path, num: int | None) -> dict[int, np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    if not folder.is_dir():
+        raise InputError(f"--images folder not found: {folder}")
+    paths = {}
+    for p in folder.glob("*.png"):
+        if p.stem.isdigit():
+            paths[int(p.stem)] = p
+    if not paths:
+        raise InputError(f"no PNGs named by index (e.g. 0.png) in {folder}")
+    images = {}
+    for i in sorted(paths)[:num]:
+        try:
+            with Image.open(paths[i]) as im:
+                images[i] = np.asarray(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise InputError(f"cannot read image {paths[i]}: {e}") from None
+        if images[i].shape[0] != images[i].shape[1]:
+            raise InputError(f"image {paths[i]} is not square: {images[i].shape[1]}x{images[i].shape[0]}")
+    return images
+
+
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Runs one command line; returns the report (None for --dump-prompts)."""
+    if args.num is not None and args.num <= 0:
+        raise InputError(f"--num must be positive, got {args.num}")
+    if args.resolution < 12:
+        raise InputError(f"--resolution must be at least 12, got {args.resolution}")
+    if args.dump_prompts is not None:
+        num = 200 if args.num is None else args.num
+        prompts = []
+        for i in range(num):
+            s = scene_for_index(i, args.split, args.seed)
+            prompts.append({"index": i, "caption": caption_for(s, args.template), "scene": s.to_dict()})
+        args.dump_prompts.write_text(json.dumps(prompts, indent=1))
+        print(f"wrote {num} prompts to {args.dump_prompts}")
+        return None
+    if args.images is not None:
+        images = _load_images(args.images, args.num)
+        scenes_path = args.scenes or (args.images / "scenes.json")
+        if args.scenes is not None and not args.scenes.is_file():
+            raise InputError(f"--scenes file not found: {args.scenes}")
+        source = _load_scenes(scenes_path) if scenes_path.is_file() else None
+        scenes = []
+        for i in images:
+            if source is None:
+                scenes.append(scene_for_index(i, args.split, args.seed))
+            elif (isinstance(source, dict) and i in source) or (isinstance(source, list) and i < len(source)):
+                scenes.append(source[i])
+            else:
+                raise InputError(f"no scene for image index {i} in {scenes_path}")
+        report = evaluate(list(images.values()), scenes)
+    else:
+        num = 200 if args.num is None else args.num
+        scenes = [scene_for_index(i, args.split, args.seed) for i in range(num)]
+        captions = [caption_for(s, args.template) for s in scenes]
+        by_caption = dict(zip(captions, scenes, strict=True))
+
+        def ground_truth(batch: list[str]) -> list[np.ndarray]:
+            # Stands in for a model: draws the scene each caption describes.
+            return [render_scene(by_caption[c], args.resolution) for c in batch]
+
+        report = evaluate_generator(ground_truth, scenes, captions)
+    report["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        report = run(args)
+        if report is None:
+            return 0
+        print(format_table(report))
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=1))
+            print(f"wrote {args.out}")
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Rectified-flow maths against hand-computed values."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from microforge_jax import flow
+
+
+def test_interpolation_endpoints_and_target():
+    z0 = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2, 2, 4)), jnp.float32)
+    eps = jnp.asarray(np.random.default_rng(1).standard_normal((3, 2, 2, 4)), jnp.float32)
+    np.testing.assert_allclose(flow.interpolate(z0, eps, jnp.zeros(3)), z0)
+    np.testing.assert_allclose(flow.interpolate(z0, eps, jnp.ones(3)), eps)
+    t = jnp.array([0.25, 0.5, 0.9])
+    z_t = flow.interpolate(z0, eps, t)
+    np.testing.assert_allclose(z_t[0], 0.75 * z0[0] + 0.25 * eps[0], rtol=1e-6)
+    # d z_t / dt is the velocity target.
+    v = flow.velocity_target(z0, eps)
+    dz = jax.jvp(lambda s: flow.interpolate(z0, eps, s), (t,), (jnp.ones(3),))[1]
+    np.testing.assert_allclose(dz, v, rtol=1e-6)
+
+
+def test_loss_weight_is_the_seeds():
+    np.testing.assert_allclose(flow.loss_weight(jnp.array([0.0, 0.25, 0.5, 1.0])), [0.5, 1 / 1.5, 1.0, 0.5])
+
+
+def test_flow_loss_hand_computed():
+    v_pred = jnp.array([[1.0, 2.0], [0.0, 0.0]])
+    v_true = jnp.array([[0.0, 0.0], [1.0, 1.0]])
+    t = jnp.array([0.5, 1.0])
+    # example 0: mse 2.5 * w 1.0; example 1: mse 1.0 * w 0.5 -> mean 1.5
+    np.testing.assert_allclose(flow.flow_loss(v_pred, v_true, t), 1.5)
+
+
+def test_euler_step_hand_computed_and_exact_on_straight_paths():
+    z = jnp.array([[2.0, -1.0]])
+    v = jnp.array([[1.0, 3.0]])
+    np.testing.assert_allclose(flow.euler_step(z, v, 0.75, 0.5), [[1.75, -1.75]])
+    # On a straight path with the true velocity, Euler from t=1 reaches z0 exactly.
+    z0, eps = jnp.array([[0.3, -0.7]]), jnp.array([[1.1, 0.4]])
+    ts = flow.time_grid(5, shift=3.0)
+    z = eps
+    for i in range(5):
+        z = flow.euler_step(z, flow.velocity_target(z0, eps), ts[i], ts[i + 1])
+    np.testing.assert_allclose(z, z0, atol=1e-6)
+
+
+def test_time_grid_and_shift():
+    ts = flow.time_grid(4)
+    np.testing.assert_allclose(ts, [1.0, 0.75, 0.5, 0.25, 0.0])
+    shifted = flow.time_grid(4, shift=3.0)
+    assert shifted[0] == 1.0 and shifted[-1] == 0.0
+    np.testing.assert_allclose(shifted[2], 3 * 0.5 / (1 + 2 * 0.5))
+    assert bool(jnp.all(jnp.diff(shifted) < 0))
+    with pytest.raises(ValueError, match="at least 1"):
+        flow.time_grid(0)
+
+
+def test_sample_time_ranges_and_shift():
+    t = flow.sample_time(jax.random.key(0), 20000, kind="uniform")
+    assert 0 <= float(t.min()) and float(t.max()) <= 1 and abs(float(t.mean()) - 0.5) < 0.01
+    ln = flow.sample_time(jax.random.key(1), 20000, kind="logit_normal")
+    assert abs(float(jnp.median(ln)) - 0.5) < 0.02 and float(ln.std()) < float(t.std())
+    shifted = flow.sample_time(jax.random.key(1), 20000, kind="logit_normal", shift=3.0)
+    assert float(shifted.mean()) > float(ln.mean()) + 0.1
+    with pytest.raises(ValueError, match="unknown time sampling"):
+        flow.sample_time(jax.random.key(0), 4, kind="beta")
+
+
+def test_guidance():
+    vc, vu = jnp.array([2.0]), jnp.array([1.0])
+    np.testing.assert_allclose(flow.guidance(vc, vu, 1.0), vc)
+    np.testing.assert_allclose(flow.guidance(vc, vu, 0.0), vu)
+    np.testing.assert_allclose(flow.guidance(vc, vu, 3.0), [4.0])

@@ -169,3 +169,80 @@ def dot_product_attention(
     probs = jax.nn.softmax(logits_BxHxLxS, axis=-1)
     out = jnp.einsum("bhls,bshk->blhk", probs, v_BxSxHxK.astype(jnp.float32))
     return out.astype(q_BxLxHxK.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention from `x` to `context` (self-attention when `context` is None).
+
+    `kv_heads=1` is multi-query attention (one shared key/value head, as in SharedMQA and the
+    cross-attention, which keeps the KV projections and cache small on phones).
+    Parameters: `q`, `k`, `v`, `out`.
+    """
+
+    num_heads: int
+    head_dim: int = 64
+    kv_heads: int | None = None  # None: as many as query heads
+    out_init: Initializer = default_kernel_init
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x_BxLxD: jax.Array, context_BxSxE: jax.Array | None = None, mask_BxS: jax.Array | None = None
+    ) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        context = x_BxLxD if context_BxSxE is None else context_BxSxE
+        kv_heads = self.kv_heads or self.num_heads
+        b, length, d = x_BxLxD.shape
+        q = dense(self.num_heads * self.head_dim, (axes.EMBED, axes.HEADS), name="q", **kw)(x_BxLxD)
+        k = dense(kv_heads * self.head_dim, (axes.EMBED, axes.KV), name="k", **kw)(context)
+        v = dense(kv_heads * self.head_dim, (axes.EMBED, axes.KV), name="v", **kw)(context)
+        q = q.reshape(b, length, self.num_heads, self.head_dim)
+        k = k.reshape(b, context.shape[1], kv_heads, self.head_dim)
+        v = v.reshape(b, context.shape[1], kv_heads, self.head_dim)
+        mask = (
+            None if mask_BxS is None else jnp.broadcast_to(mask_BxS[:, None, :].astype(bool), (b, length, k.shape[1]))
+        )
+        out = dot_product_attention(q, k, v, mask).reshape(b, length, self.num_heads * self.head_dim)
+        return dense(d, (axes.HEADS, axes.EMBED), kernel_init=self.out_init, name="out", **kw)(out)
+
+
+class Mlp(nn.Module):
+    """Dense -> GELU (erf) -> Dense. Parameters: `fc1`, `fc2`."""
+
+    hidden: int
+    out_init: Initializer = default_kernel_init
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = gelu(dense(self.hidden, (axes.EMBED, axes.MLP), name="fc1", **kw)(x))
+        return dense(x.shape[-1], (axes.MLP, axes.EMBED), kernel_init=self.out_init, name="fc2", **kw)(h)
+
+
+def timestep_embedding(t_B: jax.Array, dim: int, max_period: float = 10000.0, scale: float = 1000.0) -> jax.Array:
+    """Sinusoidal embedding of t in [0, 1] (scaled to [0, 1000]): (B,) -> (B, dim), in fp32."""
+    half = dim // 2
+    freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = (scale * t_B.astype(jnp.float32))[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def sincos_2d(height: int, width: int, dim: int) -> jax.Array:
+    """2-D sin-cos position embedding for any grid, (H*W, dim) in raster order, fp32.
+
+    Half the channels encode the row, half the column (each as sin/cos at dim/4 frequencies),
+    so it works at any grid size, including the [target | source] grid of editing.
+    """
+    if dim % 4:
+        raise ValueError(f"sincos_2d needs dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000.0 ** (jnp.arange(quarter, dtype=jnp.float32) / quarter)
+    rows, cols = jnp.meshgrid(
+        jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing="ij"
+    )
+    out_r = rows.reshape(-1)[:, None] * omega[None]
+    out_c = cols.reshape(-1)[:, None] * omega[None]
+    return jnp.concatenate([jnp.sin(out_r), jnp.cos(out_r), jnp.sin(out_c), jnp.cos(out_c)], axis=-1)

@@ -1,0 +1,1 @@
+"""Benchmarks, one module per concern: `python -m microforge_jax.bench.<name>`."""

@@ -41,9 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
     b.dt_rank = 0  # rank of the dt projection; 0 means ceil(dim / 16)
     b.conv_kernel = 3  # depthwise conv on the token grid (kernel x kernel)
     b.scan_impl = "auto"  # "auto" (by backend), "associative", "chunked" or "sequential"
-    b.scan_chunk = 32  # chunk length of the chunked scan
+    b.scan_chunk = 8  # chunk length of the chunked scan (8 measured best on a 2-core CPU)
     b.shared_attn_every = 3  # apply the one SharedMQA block after every k blocks
-    b.adaln_group_size = 3  # blocks sharing one AdaLN modulation MLP (AdaLN-Group)
+    b.adaln_group_size = 6  # blocks sharing one AdaLN modulation MLP (AdaLN-Group); each adds an offset
     b.pos_embed = "sincos"  # "sincos" (2-D, any grid size) or "none"
     # Ablations from the seed (section 10).
     b.use_planner = True  # A1: False removes the Recurrent Latent Planner
@@ -63,6 +63,75 @@ def get_config() -> ml_collections.ConfigDict:
     t.embed_dim = 768  # width of the text tokens the backbone receives (768: CLIP-L)
     t.max_length = 77  # prompts are truncated to this many tokens (with one warning)
     t.simple_layers = 2  # SimpleTextEncoder depth (encoder == "simple")
+
+    # ----------------------------------------------------------------------------- data
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "shapes"  # the built-in procedural world (microforge_jax.data.shapes)
+    d.seed = 0  # which scenes exist (the world's seed), independent of the shuffle seed
+    d.worker_count = 0  # Grain worker processes (0: read in the training process)
+
+    # ----------------------------------------------------------------------------- training
+    # The stages run in order; each resumes from its own checkpoints in the work directory.
+    c.stages = ("vae", "flow", "edit")
+    c.log_every = 50  # steps between metric lines (metrics.jsonl, TensorBoard, progress bar)
+    c.checkpoint_every = 1000  # steps between checkpoints (and one at the end of each stage)
+    c.sample_every = 0  # steps between sample grids written to samples/ (0: only at the end)
+    c.sample_steps = 16  # Euler steps of those grids
+    c.sample_cfg = 3.0  # guidance scale of those grids
+
+    c.train = tr = ml_collections.ConfigDict()
+    tr.vae = v = ml_collections.ConfigDict()
+    v.steps = 50_000
+    v.batch_size = 32  # global batch, split over processes and the mesh's batch axes
+    v.lr = 1e-4
+    v.warmup_steps = 1000
+    v.weight_decay = 0.0
+    v.grad_clip = 2.0
+    v.ema_decay = 0.999
+    v.l1_weight = 1.0
+    v.kl_weight = 1e-6  # small: a KL too strong blurs the VAE (seed section 9)
+    v.perceptual = "gradient"  # multi-scale image-gradient L1 (LPIPS needs VGG weights we cannot fetch)
+    v.perceptual_weight = 0.5
+    v.gan_weight = 0.1  # hinge GAN with a patch discriminator, after disc_start steps
+    v.disc_start = 10_000
+    v.disc_lr = 1e-4
+    v.disc_channels = 64
+    v.scale_batches = 8  # batches encoded after the stage to measure the latent scale/shift
+
+    tr.flow = f = ml_collections.ConfigDict()
+    f.steps = 100_000
+    f.batch_size = 32
+    f.lr = 1e-4
+    f.warmup_steps = 1000
+    f.weight_decay = 0.01
+    f.grad_clip = 2.0  # seed section 9
+    f.ssm_lr_mult = 0.5  # a separate (lower) learning rate for the SSM parameters (seed section 9)
+    f.ema_decay = 0.999
+    f.time_sampling = "logit_normal"  # "uniform" or "logit_normal"
+    f.time_mean = 0.0
+    f.time_std = 1.0
+    f.time_shift = 1.0  # resolution shift s t / (1 + (s - 1) t); > 1 for larger images
+    f.caption_dropout = 0.1  # the empty prompt instead of the caption, for guidance
+    f.self_cond_prob = 0.5  # planner self-conditioning (RIN): share of the batch given a previous plan
+    f.text_cache = True  # encode each unique caption once (frozen encoders only)
+
+    tr.edit = e = ml_collections.ConfigDict()
+    e.steps = 20_000
+    e.batch_size = 32
+    e.lr = 1e-5  # all parameters at a low learning rate (seed section 7)
+    e.warmup_steps = 500
+    e.weight_decay = 0.01
+    e.grad_clip = 2.0
+    e.ssm_lr_mult = 0.5
+    e.ema_decay = 0.999
+    e.time_sampling = "logit_normal"
+    e.time_mean = 0.0
+    e.time_std = 1.0
+    e.time_shift = 1.0
+    e.caption_dropout = 0.1
+    e.self_cond_prob = 0.5
+    e.text_cache = True
+    e.task_weights = (1.0, 1.0, 1.0)  # edit, inpaint, sr
 
     # ----------------------------------------------------------------------------- scale-out
     c.sharding = s = ml_collections.ConfigDict()

@@ -42,7 +42,7 @@ def redraw_params(params, seed: int = 0, scale: float = 1.0):
         shape, dtype = np.shape(leaf), np.asarray(leaf).dtype
         if name == "scale" or name.endswith("_scale"):
             value = 1.0 + 0.3 * rng.standard_normal(shape)
-        elif name.startswith("A_log"):
+        elif "A_log" in name:
             value = np.asarray(leaf, np.float64) + 0.3 * rng.standard_normal(shape)
         elif len(shape) >= 2:
             fan_in = int(np.prod(shape[:-1])) or 1

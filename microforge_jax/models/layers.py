@@ -63,6 +63,7 @@ def conv(
     dtype: Dtype,
     param_dtype: Dtype,
     feature_group_count: int = 1,
+    strides: int | Sequence[int] = 1,
     use_bias: bool = True,
     padding: Any = "SAME",
     kernel_init: Initializer = default_kernel_init,
@@ -78,6 +79,7 @@ def conv(
     return nn.Conv(
         features,
         tuple(kernel_size),
+        strides=strides,
         padding=padding,
         feature_group_count=feature_group_count,
         use_bias=use_bias,

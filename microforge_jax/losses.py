@@ -1,0 +1,69 @@
+"""Losses that are not rectified flow: the VAE stage's reconstruction, perceptual and GAN terms.
+
+The perceptual term: LPIPS needs pretrained VGG weights that cannot be fetched offline, so the
+default (`train.vae.perceptual = "gradient"`) is a documented substitute: an L1 on image
+gradients (finite differences) at three scales, which penalises the blur and lost edges that L1
+alone tolerates. It is not LPIPS and is not a learned perceptual metric.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from microforge_jax.models import layers
+
+Dtype = Any
+
+
+def _avg_pool2(x: jax.Array) -> jax.Array:
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+def gradient_loss(x_BxHxWx3: jax.Array, y_BxHxWx3: jax.Array, scales: int = 3) -> jax.Array:
+    """Mean L1 between the horizontal and vertical finite differences of x and y, over scales."""
+    x, y = x_BxHxWx3.astype(jnp.float32), y_BxHxWx3.astype(jnp.float32)
+    total = 0.0
+    for s in range(scales):
+        if s:
+            if min(x.shape[1:3]) < 4:
+                break
+            x, y = _avg_pool2(x), _avg_pool2(y)
+        dx = jnp.abs((x[:, :, 1:] - x[:, :, :-1]) - (y[:, :, 1:] - y[:, :, :-1])).mean()
+        dy = jnp.abs((x[:, 1:] - x[:, :-1]) - (y[:, 1:] - y[:, :-1])).mean()
+        total = total + dx + dy
+    return total / scales
+
+
+class PatchDiscriminator(nn.Module):
+    """A PatchGAN discriminator: strided 4x4 convs with LeakyReLU, a logit per patch."""
+
+    channels: int = 64
+    num_layers: int = 3
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxHxWx3: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = x_BxHxWx3.astype(self.dtype)
+        for i in range(self.num_layers):
+            width = self.channels * min(2**i, 8)
+            h = layers.conv(width, (4, 4), strides=2, padding=((1, 1), (1, 1)), name=f"conv{i}", **kw)(h)
+            if i:
+                h = layers.group_norm(layers.num_groups(width), name=f"norm{i}", **kw)(h)
+            h = nn.leaky_relu(h, 0.2)
+        return layers.conv(1, (3, 3), name="logits", **kw)(h).astype(jnp.float32)
+
+
+def hinge_d_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+    """The discriminator's hinge loss."""
+    return 0.5 * (jnp.mean(jax.nn.relu(1.0 - real_logits)) + jnp.mean(jax.nn.relu(1.0 + fake_logits)))
+
+
+def hinge_g_loss(fake_logits: jax.Array) -> jax.Array:
+    """The generator's (VAE decoder's) adversarial loss."""
+    return -jnp.mean(fake_logits)

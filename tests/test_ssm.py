@@ -1,0 +1,289 @@
+"""Selective scan forms vs a float64 reference, zigzag paths, Mamba parity, BiSSM properties."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from microforge_jax.config import BackboneConfig
+from microforge_jax.models import scan as scan_lib
+from microforge_jax.models.ssm import BiSSM, SelectiveSSM
+from microforge_jax.models.zigzag import PATHS, inverse, zigzag_path
+
+FORMS = ("associative", "chunked", "sequential")
+LENGTHS = (1, 7, 33, 100)
+CHUNK = 16  # below most lengths, so 33 and 100 exercise the padded last chunk
+
+
+def _cfg(**kw) -> BackboneConfig:
+    base = dict(
+        depth=1,
+        dim=32,
+        head_dim=16,
+        ffn_expand=3,
+        ssm_expand=2,
+        ssm_state=16,
+        dt_rank=4,
+        conv_kernel=3,
+        scan_impl="sequential",
+        scan_chunk=CHUNK,
+        shared_attn_every=3,
+        adaln_group_size=3,
+        pos_embed="none",
+        use_planner=False,
+        mixer="bissm",
+        use_shared_attn=False,
+        use_dwconv=True,
+        adaln="group",
+        latent_channels=4,
+        text_dim=32,
+    )
+    base.update(kw)
+    return BackboneConfig(**base)
+
+
+def _inputs(length, bt=2, din=12, n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal((bt, length, din))
+    delta = np.log1p(np.exp(rng.standard_normal((bt, length, din)) - 4.0))  # softplus(N(-4, 1))
+    A = -np.exp(np.log(np.tile(np.arange(1, n + 1, dtype=np.float64), (din, 1))) + 0.1 * rng.standard_normal((din, n)))
+    B = rng.standard_normal((bt, length, n))
+    C = rng.standard_normal((bt, length, n))
+    D = rng.standard_normal(din)
+    return u, delta, A, B, C, D
+
+
+def _numpy_scan(u, delta, A, B, C, D):
+    """The float64 reference: a plain loop over time."""
+    h = np.zeros((u.shape[0], u.shape[2], A.shape[1]))
+    ys = []
+    for t in range(u.shape[1]):
+        h = np.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[..., None] * B[:, t, None, :]
+        ys.append(np.einsum("bdn,bn->bd", h, C[:, t]))
+    return np.stack(ys, 1) + u * D
+
+
+def _plain_scan(u, delta, A, B, C, D):
+    """Sequential scan with plain autodiff (no custom_vjp): the reference gradient, run in float64."""
+
+    def step(h, x):
+        ut, dt, bt, ct = x
+        h = jnp.exp(dt[..., None] * A) * h + (dt * ut)[..., None] * bt[:, None, :]
+        return h, jnp.einsum("bdn,bn->bd", h, ct)
+
+    xs = tuple(jnp.swapaxes(x, 0, 1) for x in (u, delta, B, C))
+    _, y = jax.lax.scan(step, jnp.zeros((u.shape[0], u.shape[2], A.shape[1]), u.dtype), xs)
+    return jnp.swapaxes(y, 0, 1) + u * D
+
+
+def _loss(f):
+    # A fixed random cotangent, so every output element reaches the gradient with its own weight.
+    return lambda w, *a: jnp.sum(w * jnp.sin(f(*a)))
+
+
+@pytest.fixture(scope="module")
+def grad_fns():
+    return {
+        impl: jax.jit(
+            jax.grad(
+                _loss(lambda *a, impl=impl: scan_lib.selective_scan(*a, impl=impl, chunk=CHUNK)),
+                argnums=(1, 2, 3, 4, 5, 6),
+            )
+        )
+        for impl in FORMS
+    }
+
+
+@pytest.fixture(scope="module")
+def reference_grads():
+    out = {}
+    with jax.enable_x64(True):
+        g = jax.jit(jax.grad(_loss(_plain_scan), argnums=(1, 2, 3, 4, 5, 6)))
+        for length in LENGTHS:
+            args = _inputs(length)
+            w = np.random.default_rng(1).standard_normal(args[0].shape)
+            out[length] = [np.asarray(x) for x in g(jnp.asarray(w), *map(jnp.asarray, args))]
+    return out
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("impl", FORMS)
+def test_scan_matches_float64(impl, length, relerr, grad_fns, reference_grads):
+    args = _inputs(length)
+    ref = _numpy_scan(*args)
+    y = scan_lib.selective_scan_jit(*(jnp.asarray(a, jnp.float32) for a in args), impl=impl, chunk=CHUNK)
+    assert y.dtype == jnp.float32
+    assert relerr(y, ref) <= 1e-5
+    w = np.random.default_rng(1).standard_normal(args[0].shape).astype(np.float32)
+    grads = grad_fns[impl](w, *(jnp.asarray(a, jnp.float32) for a in args))
+    for name, g, g_ref in zip("u delta A B C D".split(), grads, reference_grads[length]):
+        assert relerr(g, g_ref) <= 1e-5, name
+
+
+def test_auto_and_per_row_A(relerr):
+    """`auto` resolves per backend; a per-batch-row A (both BiSSM directions in one call) is exact."""
+    assert scan_lib.auto_impl("cpu") == "sequential" and scan_lib.auto_impl("gpu") == "associative"
+    a1, a2 = _inputs(33, seed=1), _inputs(33, seed=2)
+    both = [np.concatenate([x, y], 0) for x, y in zip(a1, a2)]
+    A2 = np.repeat(np.stack([a1[2], a2[2]]), 2, axis=0)
+    D2 = np.repeat(np.stack([a1[5], a2[5]]), 2, axis=0)
+    y = scan_lib.selective_scan_jit(*(jnp.asarray(a, jnp.float32) for a in (*both[:2], A2, *both[3:5], D2)))
+    assert relerr(y, np.concatenate([_numpy_scan(*a1), _numpy_scan(*a2)], 0)) <= 1e-5
+    with pytest.raises(ValueError, match="unknown scan impl"):
+        scan_lib.selective_scan(*map(jnp.asarray, a1), impl="fast")
+
+
+def test_bf16_stays_close_to_fp32(relerr):
+    args = [jnp.asarray(a, jnp.float32) for a in _inputs(100)]
+    y32 = scan_lib.selective_scan_jit(*args)
+    bf = [a.astype(jnp.bfloat16) if i in (0, 3, 4) else a for i, a in enumerate(args)]
+    for impl in FORMS:
+        y16 = scan_lib.selective_scan_jit(*bf, impl=impl, chunk=CHUNK)
+        assert y16.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y16)))
+        assert relerr(y16, y32) <= 2e-2
+    # delta in bf16 too: exp(delta * A) is still formed in fp32, so the slow decays survive.
+    tiny = jnp.full_like(args[1], 1e-3).astype(jnp.bfloat16)
+    y = scan_lib.selective_scan_jit(bf[0], tiny, *bf[2:])
+    assert relerr(y, _numpy_scan(*(np.asarray(a, np.float64) for a in (bf[0], tiny, *bf[2:])))) <= 2e-2
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (5, 7), (8, 16), (1, 6), (3, 1)])
+def test_zigzag_paths_are_bijections(hw):
+    h, w = hw
+    x = np.arange(h * w) * 10
+    paths = [zigzag_path(h, w, i) for i in range(2 * len(PATHS))]
+    for i, p in enumerate(paths):
+        assert sorted(p) == list(range(h * w))
+        np.testing.assert_array_equal(x[p][inverse(p)], x)
+        # A snake: consecutive tokens along the path are grid neighbours.
+        r, c = np.divmod(p, w)
+        assert np.all(np.abs(np.diff(r)) + np.abs(np.diff(c)) == 1) or h * w == 1
+        np.testing.assert_array_equal(p, paths[i % len(PATHS)])
+    if min(h, w) > 1:
+        for i in range(len(paths) - 1):
+            assert not np.array_equal(paths[i], paths[i + 1])
+        assert len({p.tobytes() for p in paths}) == len(PATHS)
+
+
+def test_mamba_parity_with_transformers(relerr):
+    torch = pytest.importorskip("torch")
+    modeling = pytest.importorskip("transformers.models.mamba.modeling_mamba")
+    from transformers import MambaConfig
+
+    torch.manual_seed(0)
+    tcfg = MambaConfig(
+        hidden_size=32,
+        state_size=16,
+        expand=2,
+        conv_kernel=4,
+        time_step_rank=4,
+        use_conv_bias=True,
+        use_bias=False,
+        use_mambapy=False,
+        num_hidden_layers=1,
+    )
+    mixer = modeling.MambaMixer(tcfg, layer_idx=0).eval()
+    with torch.no_grad():  # redraw every weight so nothing is at a degenerate init
+        for name, p in mixer.named_parameters():
+            if name == "A_log":
+                p.add_(0.3 * torch.randn_like(p))
+            elif name != "dt_proj.bias":
+                p.copy_(torch.randn_like(p) / max(1, p.shape[-1]) ** 0.5)
+    x = np.random.default_rng(0).standard_normal((2, 37, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = mixer(torch.from_numpy(x)).numpy()
+
+    sd = {k: v.detach().numpy() for k, v in mixer.state_dict().items()}
+    params = {
+        "in_proj": {"kernel": sd["in_proj.weight"].T},
+        "conv1d": {"kernel": sd["conv1d.weight"].transpose(2, 1, 0), "bias": sd["conv1d.bias"]},  # (Din,1,K)->(K,1,Din)
+        "x_proj": {"kernel": sd["x_proj.weight"].T},
+        "dt_proj": {"kernel": sd["dt_proj.weight"].T, "bias": sd["dt_proj.bias"]},
+        "A_log": sd["A_log"],
+        "D": sd["D"],
+        "out_proj": {"kernel": sd["out_proj.weight"].T},
+    }
+    module = SelectiveSSM(_cfg(dim=32, dt_rank=4))
+    abstract = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), x)["params"])
+    assert jax.tree_util.tree_map(np.shape, params) == jax.tree_util.tree_map(lambda s: s.shape, abstract)
+    assert np.std(ref) > 0
+    for impl in FORMS:
+        y = SelectiveSSM(_cfg(dim=32, dt_rank=4, scan_impl=impl)).apply({"params": params}, x)
+        assert relerr(y, ref) <= 1e-5, impl
+
+
+@pytest.fixture(scope="module")
+def bissm():
+    """A BiSSM (layer 1: a column snake) with every parameter redrawn, and its jitted apply."""
+    from conftest import redraw_params
+
+    module = BiSSM(_cfg(), layer_index=1)
+    x = jnp.zeros((2, 64, 32))
+    params = redraw_params(module.init(jax.random.key(0), x, (8, 8))["params"], seed=3)
+    apply = jax.jit(module.apply, static_argnums=2)
+    return module, params, apply
+
+
+def test_bissm_param_names_and_axes():
+    module = BiSSM(_cfg(), layer_index=0)
+    boxed = jax.eval_shape(lambda k, x: module.init(k, x, (8, 8)), jax.random.key(0), jnp.zeros((1, 64, 32)))["params"]
+    names = jax.tree_util.tree_map(lambda p: p.names, boxed, is_leaf=lambda p: hasattr(p, "names"))
+    shapes = jax.tree_util.tree_map(lambda p: p.value.shape, boxed, is_leaf=lambda p: hasattr(p, "names"))
+    expected = {"in_proj": {"kernel": (32, 128)}, "out_proj": {"kernel": (64, 32)}}
+    for d in ("fwd_", "bwd_"):
+        expected |= {
+            f"{d}conv": {"kernel": (3, 3, 1, 64), "bias": (64,)},
+            f"{d}x_proj": {"kernel": (64, 4 + 32)},
+            f"{d}dt_proj": {"kernel": (4, 64), "bias": (64,)},
+            f"{d}A_log": (64, 16),
+            f"{d}D": (64,),
+        }
+    assert shapes == expected
+    assert names["in_proj"]["kernel"] == ("embed", "mlp") and names["fwd_A_log"] == ("mlp", "state")
+    assert all(isinstance(n, tuple) for n in jax.tree_util.tree_leaves(names, is_leaf=lambda n: isinstance(n, tuple)))
+    fresh = module.init(jax.random.key(0), jnp.zeros((1, 64, 32)), (8, 8))["params"]
+    bias = jax.nn.softplus(fresh["fwd_dt_proj"]["bias"].value)
+    assert 1e-3 <= float(bias.min()) and float(bias.max()) <= 1e-1
+    np.testing.assert_allclose(np.exp(fresh["bwd_A_log"].value[5]), np.arange(1, 17), rtol=1e-6)
+    no_conv = BiSSM(_cfg(use_dwconv=False)).init(jax.random.key(0), jnp.zeros((1, 64, 32)), (8, 8))["params"]
+    assert "fwd_conv" not in no_conv and "bwd_conv" not in no_conv
+
+
+def test_bissm_properties(bissm, relerr):
+    module, params, apply = bissm
+    x = jax.random.normal(jax.random.key(1), (2, 64, 32))
+    y = apply({"params": params}, x, (8, 8))
+    assert y.shape == x.shape and float(jnp.std(y)) > 0
+    assert relerr(module.apply({"params": params}, x, (8, 8)), y) <= 1e-6  # jit == no jit
+    # Both directions contribute: silencing one (no B/C input, D = 0) changes the output.
+    for d in ("fwd_", "bwd_"):
+        off = dict(params)
+        off[f"{d}x_proj"] = {"kernel": jnp.zeros_like(params[f"{d}x_proj"]["kernel"])}
+        off[f"{d}D"] = jnp.zeros_like(params[f"{d}D"])
+        assert relerr(apply({"params": off}, x, (8, 8)), y) > 1e-2, d
+    # Not a per-token function: permuting the tokens does not just permute the output.
+    p = np.random.default_rng(0).permutation(64)
+    assert relerr(apply({"params": params}, x[:, p], (8, 8)), y[:, p]) > 1e-2
+
+
+def test_bissm_editing_grid_and_scan_forms(bissm, relerr):
+    module, params, apply = bissm
+    x = jax.random.normal(jax.random.key(2), (2, 128, 32))
+    y = apply({"params": params}, x, (8, 16))
+    assert y.shape == (2, 128, 32) and float(jnp.std(y)) > 0
+    y_chunked = BiSSM(_cfg(scan_impl="chunked"), layer_index=1).apply({"params": params}, x, (8, 16))
+    assert relerr(y_chunked, y) <= 1e-5
+    with pytest.raises(ValueError, match="grid"):
+        module.apply({"params": params}, x, (8, 8))
+
+
+def test_bissm_bf16(bissm, relerr):
+    module, params, apply = bissm
+    x = jax.random.normal(jax.random.key(3), (2, 64, 32))
+    y32 = apply({"params": params}, x, (8, 8))
+    y16 = dataclasses.replace(module, dtype=jnp.bfloat16).apply({"params": params}, x.astype(jnp.bfloat16), (8, 8))
+    assert y16.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y16)))
+    assert relerr(y16, y32) <= 5e-2

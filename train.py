@@ -1,23 +1,34 @@
 """Trains MicroForge-JAX: `python train.py [--config nano] [--workdir runs/nano] [key=value ...]`.
 
-Overrides are typed by the config's declared values, e.g. `model.backbone.depth=4 batch_size=16`.
+Runs the config's stages in order (vae, flow, edit); each resumes from its checkpoints in the
+work directory, so running the same command again resumes (or says the run is finished).
+Overrides are typed by the config's declared values, e.g. `train.flow.steps=2000`.
+Several hosts: pass --coordinator, --num-processes and --process-id (jax.distributed).
 """
 
 import argparse
 
 from microforge_jax import cli
-from microforge_jax.config import load_config
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="nano", help="a config name (nano, tiny, small, base) or a .py path")
+    parser.add_argument(
+        "--config", default=None, help="nano, tiny, small, base or a .py path (default: the run's own, else nano)"
+    )
     parser.add_argument("--workdir", default=None, help="the run directory (default: runs/<config name>)")
+    parser.add_argument("--coordinator", default=None, help="host:port of process 0, for multi-host training")
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("overrides", nargs="*", help="config overrides, key.path=value")
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    workdir = args.workdir or f"runs/{config.name}"
-    print(f"config {config.name!r} loaded for {workdir}; the trainer is not built yet (issue 6).")
+
+    from microforge_jax import train_lib  # noqa: PLC0415 (flags first: --help stays fast)
+
+    config, workdir = train_lib.config_for_run(args.config, args.overrides, args.workdir)
+    train_lib.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    summary = train_lib.train_and_evaluate(config, workdir)
+    print(f"run finished: {summary['workdir']}")
     return 0
 
 

@@ -23,5 +23,5 @@ def get_config():
     c.model.planner.depth = 1
     c.model.text.encoder = "minilm"
     c.model.text.embed_dim = 384
-    c.model.text.max_length = 32
+    c.model.text.max_length = 40  # the longest shapes caption is 39 MiniLM tokens
     return c

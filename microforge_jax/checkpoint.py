@@ -382,8 +382,8 @@ def latest_steps(workdir: str | os.PathLike) -> dict[str, int]:
     return steps
 
 
-def _restore_ema(directory: Path, step: int) -> Any:
-    """Restores only `ema_params` of one checkpoint, as arrays on the first local device."""
+def _restore_items(directory: Path, step: int, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Restores only `keys` of one checkpoint's train state, as arrays on the first local device."""
     step_dir = directory / str(step)
     if not (step_dir / STATE_ITEM).is_dir():
         raise RunError(f"checkpoint {step_dir} is incomplete: it has no {STATE_ITEM}/")
@@ -392,12 +392,11 @@ def _restore_ema(directory: Path, step: int) -> Any:
     try:
         tree = manager.item_metadata(step)[STATE_ITEM]
         tree = getattr(tree, "tree", tree)
-        if not isinstance(tree, Mapping) or "ema_params" not in tree:
-            raise RunError(f"checkpoint {step_dir} has no ema_params in its train state")
+        missing = [k for k in keys if not isinstance(tree, Mapping) or k not in tree]
+        if missing:
+            raise RunError(f"checkpoint {step_dir} has no {', '.join(missing)} in its train state")
         target = {
-            "ema_params": jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["ema_params"]
-            )
+            k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree[k]) for k in keys
         }
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
@@ -408,7 +407,22 @@ def _restore_ema(directory: Path, step: int) -> Any:
         raise RunError(f"checkpoint {step_dir} cannot be read ({_one_line(e)})") from e
     finally:
         manager.close()
-    return restored[STATE_ITEM]["ema_params"]
+    return {k: restored[STATE_ITEM][k] for k in keys}
+
+
+def _restore_ema(directory: Path, step: int) -> Any:
+    return _restore_items(directory, step, ("ema_params",))["ema_params"]
+
+
+def restore_stage_params(
+    workdir: str | os.PathLike, stage: str, keys: tuple[str, ...] = ("params", "ema_params")
+) -> dict[str, Any]:
+    """`keys` of a stage's latest train state on one device (e.g. the flow model the edit stage
+    starts from), without reading the optimizer state."""
+    step = latest_steps(workdir).get(stage)
+    if step is None:
+        raise RunError(f"run {workdir} has no checkpoint of stage {stage!r}")
+    return _restore_items(Path(workdir) / CHECKPOINT_DIR / stage, step, keys)
 
 
 def load_run(workdir: str | os.PathLike) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:

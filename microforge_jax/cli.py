@@ -23,6 +23,12 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
     """Runs `main(argv)`; user errors become `error: ...` on stderr and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
     try:
+        import absl.logging  # noqa: PLC0415 (Orbax logs routine warnings through absl)
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:
+        pass
+    try:
         return int(main(argv) or 0)
     except USER_ERRORS as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

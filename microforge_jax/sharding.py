@@ -86,20 +86,21 @@ def mesh_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, r
     return PartitionSpec(*(a if size % _axis_size(mesh, a) == 0 else None for size, a in zip(shape, dims)))
 
 
-def _is_spec(x: Any) -> bool:
-    return isinstance(x, PartitionSpec)
-
-
 def logical_to_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
-    """NamedShardings for a tree of (boxed, logically partitioned) abstract arrays."""
-    logical = nn.get_partition_spec(abstract_boxed)
-    shapes = nn.unbox(abstract_boxed)
-    return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, mesh_spec(tuple(spec), x.shape, mesh, rules)),
-        logical,
-        shapes,
-        is_leaf=_is_spec,
-    )
+    """NamedShardings for a tree of (boxed, logically partitioned) abstract arrays.
+
+    Unboxed leaves (step counters, optimizer counts) are replicated; the result has the structure
+    of the unboxed tree (optax's empty `MaskedNode`s included).
+    """
+
+    def one(x: Any) -> Any:
+        if isinstance(x, nn.LogicallyPartitioned):
+            if not hasattr(x.value, "shape"):  # a box around an empty node (optax.masked's MaskedNode)
+                return x.value
+            return NamedSharding(mesh, mesh_spec(tuple(x.names), x.value.shape, mesh, rules))
+        return NamedSharding(mesh, mesh_spec((), x.shape, mesh, rules))
+
+    return jax.tree.map(one, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,289 @@
+"""The jitted sampler: Euler ODE from noise to data with the planner carried through `lax.scan`.
+
+One function does the whole job, as MaxDiffusion does: (VAE-encode the source) -> `lax.scan` over
+the steps -> VAE decode. The scan carry is `(z_BxhxwxC, plan_NxKxD)`:
+
+* `z` is the latent being denoised, in the backbone's normalised space
+  `z' = (z - shift_factor) * scaling_factor` (the VAE latent normalisation of the run), fp32;
+* `plan` is the planner state of every row of the denoiser batch. With guidance the denoiser
+  batch is N = 2B rows, `[conditional (B) ; unconditional (B)]`: the same z twice, the prompt's
+  text then the empty prompt's, so each half carries its own plan tokens from step to step.
+  At step 0 there is no previous plan (`has_prev_B` False: the planner starts from `p_init`);
+  from step 1 on it starts from the gated mix of the previous step's output and `p_init`.
+
+The step rule is pluggable, `step_fn(z, v, t, t_next) -> z_next` (`flow.euler_step` by default),
+so a few-step consistency sampler can reuse the loop. Edit / inpaint / SR share one compiled
+function (the task id is traced; only "with a source or not" changes the graph).
+
+Host-side helpers prepare sources exactly as the shapes dataset does: inpaint holes set to 0 in
+[0, 255] space, SR sources nearest-upsampled to the target size.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from microforge_jax import flow
+from microforge_jax.config import ModelConfig, VAEConfig
+from microforge_jax.models.denoiser import TASKS, Text, build_denoiser, task_id
+from microforge_jax.models.vae import build_vae
+
+StepFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+SOURCE_TASKS = ("edit", "inpaint", "sr")
+
+__all__ = [
+    "SOURCE_TASKS",
+    "TASKS",
+    "Samples",
+    "StepFn",
+    "denormalize_latent",
+    "from_uint8",
+    "get_sampler",
+    "initial_noise",
+    "inpaint_source",
+    "make_sampler",
+    "normalize_latent",
+    "sr_source",
+    "stack_guidance",
+    "task_id",
+    "to_uint8",
+]
+
+
+class Samples(NamedTuple):
+    """What a sampler returns.
+
+    Attributes:
+      images_BxHxWx3: decoded images in [-1, 1] (None when built with `decode=False`).
+      latent_BxhxwxC: the final latent in the backbone's normalised space.
+      plans_SxNxKxD: the plan tokens each step produced (N = 2B with guidance, the conditional
+        half first), when built with `keep_plans=True` and the planner is on; else None.
+    """
+
+    images_BxHxWx3: jax.Array | None
+    latent_BxhxwxC: jax.Array
+    plans_SxNxKxD: jax.Array | None
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def normalize_latent(z_BxhxwxC: jax.Array, vae_cfg: VAEConfig) -> jax.Array:
+    """VAE latent -> the backbone's space: (z - shift_factor) * scaling_factor."""
+    return (z_BxhxwxC.astype(jnp.float32) - vae_cfg.shift_factor) * vae_cfg.scaling_factor
+
+
+def denormalize_latent(z_BxhxwxC: jax.Array, vae_cfg: VAEConfig) -> jax.Array:
+    """The backbone's space -> VAE latent: z / scaling_factor + shift_factor."""
+    return z_BxhxwxC.astype(jnp.float32) / vae_cfg.scaling_factor + vae_cfg.shift_factor
+
+
+def initial_noise(seed: int, batch: int, latent_hw: tuple[int, int], channels: int) -> jax.Array:
+    """The starting noise (B, h, w, C), a pure function of the seed (fp32, N(0, 1))."""
+    return jax.random.normal(jax.random.key(seed), (batch, *latent_hw, channels), jnp.float32)
+
+
+def stack_guidance(cond: Text, uncond: Text) -> Text:
+    """[conditional ; unconditional] along the batch; an unconditional batch of 1 is broadcast."""
+    b = cond.tokens.shape[0]
+
+    def stack(c: jax.Array, u: jax.Array) -> jax.Array:
+        if u.shape[1:] != c.shape[1:]:
+            raise ValueError(f"unconditional text shape {tuple(u.shape)} does not match the prompt's {tuple(c.shape)}")
+        return jnp.concatenate([c, jnp.broadcast_to(u, (b, *u.shape[1:])).astype(c.dtype)], axis=0)
+
+    return Text(*(stack(c, u) for c, u in zip(cond, uncond)))
+
+
+def _variables(tree: Any) -> dict[str, Any]:
+    """`{"params": tree}` unless the tree already is a variables dict (load_run gives bare trees)."""
+    tree = nn.unbox(tree)
+    return tree if isinstance(tree, dict) and set(tree) == {"params"} else {"params": tree}
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
+def make_sampler(
+    cfg: ModelConfig,
+    steps: int,
+    *,
+    guidance: bool = True,
+    shift: float = 1.0,
+    step_fn: StepFn = flow.euler_step,
+    with_source: bool = False,
+    decode: bool = True,
+    keep_plans: bool = False,
+    denoiser: nn.Module | None = None,
+    vae: nn.Module | None = None,
+    batch_sharding: jax.sharding.NamedSharding | None = None,
+) -> Callable[..., Samples]:
+    """Builds one jitted sampling function (noise -> images) for a model config.
+
+    Args:
+      cfg: the model config.
+      steps: number of steps S >= 1 (static: the scan length).
+      guidance: stack conditional and unconditional inputs (2B rows) and mix with the scale.
+      shift: resolution shift of the time grid (`flow.time_grid`); 1 is the plain linear grid.
+      step_fn: `(z, v, t, t_next) -> z_next`; Euler by default.
+      with_source: the tasks edit / inpaint / sr (a source image, VAE-encoded inside).
+      decode: VAE-decode the final latent (False: `images_BxHxWx3` is None).
+      keep_plans: also return every step's plan tokens (for tests and analysis).
+      denoiser, vae: module overrides (test doubles); by default built from `cfg`.
+      batch_sharding: a NamedSharding (spec: batch axes first) to pin the latent carry and the
+        images to, e.g. `NamedSharding(mesh, P("data"))`; None lets jit follow the inputs.
+
+    Returns:
+      `sample(params, text, uncond, noise_BxhxwxC, scale, source_BxHxWx3=None, task=0) -> Samples`
+      where `params = {"denoiser": tree, "vae": tree}` (bare parameter trees, as `load_run`
+      gives them), `text` / `uncond` are `Text` (uncond may have batch 1, and is ignored without
+      guidance), `noise` is N(0, 1) in the normalised latent space, `scale` the guidance scale
+      (traced: changing it does not recompile), `source` an image in [-1, 1] at the target size
+      (required iff `with_source`) and `task` a task id (`task_id("edit")`, ...).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    denoiser = denoiser if denoiser is not None else build_denoiser(cfg)
+    vae = vae if vae is not None else build_vae(cfg)
+    ts = np.asarray(flow.time_grid(steps, shift), np.float32)  # static: a constant in the graph
+
+    def constrain(x: jax.Array) -> jax.Array:
+        return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
+
+    def sample(
+        params: dict[str, Any],
+        text: Text,
+        uncond: Text | None,
+        noise_BxhxwxC: jax.Array,
+        scale: jax.Array | float,
+        source_BxHxWx3: jax.Array | None = None,
+        task: jax.Array | int = 0,
+    ) -> Samples:
+        dvars = _variables(params["denoiser"])
+        b = noise_BxhxwxC.shape[0]
+        if (source_BxHxWx3 is None) == with_source:
+            raise ValueError(f"this sampler was built with with_source={with_source}: pass a source iff it is set")
+        if guidance and uncond is None:
+            raise ValueError("a guided sampler needs the unconditional text (the empty prompt's embeddings)")
+        text_N = stack_guidance(text, uncond) if guidance else text
+        n = 2 * b if guidance else b
+        task_N = jnp.full((n,), task, jnp.int32)
+        source_N = None
+        if with_source:
+            vvars = _variables(params["vae"])
+            posterior = vae.apply(vvars, source_BxHxWx3.astype(jnp.float32), method="encode")
+            source = constrain(normalize_latent(posterior.mode(), cfg.vae))
+            if source.shape != noise_BxhxwxC.shape:
+                raise ValueError(f"source latent {tuple(source.shape)} != target latent {tuple(noise_BxhxwxC.shape)}")
+            source_N = jnp.concatenate([source, source]) if guidance else source  # both halves see the source
+
+        def denoise(z, t, prev, has_prev):
+            z_N = jnp.concatenate([z, z]) if guidance else z
+            t_N = jnp.full((n,), t, jnp.float32)
+            return denoiser.apply(
+                dvars,
+                z_N,
+                t_N,
+                text_N,
+                task_B=task_N,
+                source_BxhxwxC=source_N,
+                prev_plan_BxKxD=prev,
+                has_prev_B=None if prev is None else jnp.full((n,), has_prev),
+            )
+
+        # The plan state's shape and dtype (or None when the planner is ablated), for the carry.
+        plan_struct = jax.eval_shape(lambda z: denoise(z, 1.0, None, False)[1], noise_BxhxwxC)
+        plan0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), plan_struct)
+
+        def body(carry, x):
+            z, plan = carry
+            t, t_next, first = x
+            v_N, new_plan = denoise(z, t, plan, jnp.logical_not(first))
+            v = flow.guidance(v_N[:b], v_N[b:], scale) if guidance else v_N
+            z_next = constrain(step_fn(z, v, t, t_next).astype(jnp.float32))
+            return (z_next, new_plan), (new_plan if keep_plans else None)
+
+        xs = (jnp.asarray(ts[:-1]), jnp.asarray(ts[1:]), jnp.arange(steps) == 0)
+        z0 = constrain(noise_BxhxwxC.astype(jnp.float32))
+        (z, _), plans = jax.lax.scan(body, (z0, plan0), xs)
+        images = None
+        if decode:
+            vvars = _variables(params["vae"])
+            images = vae.apply(vvars, denormalize_latent(z, cfg.vae), method="decode")
+            images = constrain(jnp.clip(images.astype(jnp.float32), -1.0, 1.0))
+        return Samples(images, z, plans)
+
+    return jax.jit(sample)
+
+
+@functools.lru_cache(maxsize=16)
+def get_sampler(
+    cfg: ModelConfig, steps: int, *, guidance: bool = True, shift: float = 1.0, with_source: bool = False
+) -> Callable[..., Samples]:
+    """`make_sampler` with the default modules, cached: one jitted function per configuration.
+
+    Args:
+      cfg, steps, guidance, shift, with_source: see `make_sampler`.
+
+    Returns:
+      The jitted sampler (shared by every caller asking for the same configuration).
+    """
+    return make_sampler(cfg, steps, guidance=guidance, shift=shift, with_source=with_source)
+
+
+# ----------------------------------------------------------------------------- host-side images
+
+
+def from_uint8(images_NxHxWx3: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1] (the VAE's range)."""
+    return np.asarray(images_NxHxWx3, np.float32) / 127.5 - 1.0
+
+
+def to_uint8(images_NxHxWx3: Any) -> np.ndarray:
+    """float [-1, 1] -> uint8 [0, 255], rounded."""
+    x = (np.asarray(images_NxHxWx3, np.float32) + 1.0) * 127.5
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def inpaint_source(image_HxWx3: np.ndarray, mask_HxW: np.ndarray) -> np.ndarray:
+    """The inpaint source as the dataset builds it: the image with the hole (mask True) set to 0.
+
+    Args:
+      image_HxWx3: uint8 image.
+      mask_HxW: hole mask (HxW or HxWx1); nonzero / True = hole.
+
+    Returns:
+      uint8 HxWx3.
+    """
+    image = np.asarray(image_HxWx3)
+    mask = np.asarray(mask_HxW)
+    mask = mask[..., 0] if mask.ndim == 3 else mask
+    if mask.shape != image.shape[:2]:
+        raise ValueError(
+            f"the mask is {mask.shape[0]}x{mask.shape[1]} but the source image is {image.shape[0]}x{image.shape[1]}; they must match"
+        )
+    return np.where(mask.astype(bool)[..., None], np.uint8(0), image).astype(np.uint8)
+
+
+def sr_source(low_hxwx3: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """The SR source as the dataset builds it: the low-res image nearest-upsampled to `size_hw`.
+
+    Args:
+      low_hxwx3: uint8 low-resolution image.
+      size_hw: the target (H, W), integer multiples of the low-res size.
+
+    Returns:
+      uint8 HxWx3.
+    """
+    low = np.asarray(low_hxwx3)
+    (h, w), (th, tw) = low.shape[:2], size_hw
+    if th % h or tw % w or th < h or tw < w:
+        raise ValueError(f"SR target size {th}x{tw} must be an integer multiple of the low-res size {h}x{w}")
+    return np.repeat(np.repeat(low, th // h, axis=0), tw // w, axis=1)

@@ -10,8 +10,8 @@ import pytest
 
 from microforge_jax.config import BackboneConfig
 from microforge_jax.models import scan as scan_lib
-from microforge_jax.models.ssm import BiSSM, SelectiveSSM
-from microforge_jax.models.zigzag import PATHS, inverse, zigzag_path
+from microforge_jax.models.ssm import BiSSM, SelectiveSSM, depthwise_conv2d
+from microforge_jax.models.zigzag import PATHS, inverse, permute, zigzag_path
 
 FORMS = ("associative", "chunked", "sequential")
 LENGTHS = (1, 7, 33, 100)
@@ -287,3 +287,72 @@ def test_bissm_bf16(bissm, relerr):
     y16 = dataclasses.replace(module, dtype=jnp.bfloat16).apply({"params": params}, x.astype(jnp.bfloat16), (8, 8))
     assert y16.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y16)))
     assert relerr(y16, y32) <= 5e-2
+
+
+@pytest.mark.parametrize("path", ["zigzag", "random"])
+def test_permute_grad_is_the_gather_grad(path, relerr):
+    """`permute` (custom VJP: the backward is the inverse gather) == autodiff of `x[:, path]`."""
+    rng = np.random.default_rng(0)
+    p = zigzag_path(8, 16, 3) if path == "zigzag" else rng.permutation(128).astype(np.int32)
+    x = jnp.asarray(rng.standard_normal((3, 128, 5)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 128, 5)), jnp.float32)
+    np.testing.assert_array_equal(permute(x, p), x[:, p])
+    np.testing.assert_array_equal(permute(jnp.swapaxes(x, 0, 1), p, axis=0), jnp.swapaxes(x, 0, 1)[p])
+    g = jax.grad(lambda x: jnp.sum(w * jnp.sin(permute(x, p))))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(w * jnp.sin(x[:, p])))(x)
+    assert float(jnp.std(g_ref)) > 0 and relerr(g, g_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("k, hw", [(3, (8, 16)), (3, (5, 7)), (4, (6, 5)), (1, (3, 4)), (3, (1, 6))])
+def test_depthwise_conv2d_equals_grouped_nn_conv(k, hw, relerr):
+    """The shifted-add depthwise conv == `nn.Conv(feature_group_count=E)` (SAME), outputs and gradients."""
+    rng = np.random.default_rng(k)
+    e, d = 6, 2
+    x = jnp.asarray(rng.standard_normal((2, *hw, e)), jnp.float32)
+    kernels = jnp.asarray(rng.standard_normal((d, k, k, e)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((d, 2, *hw, e)), jnp.float32)
+    conv = nn.Conv(e, (k, k), feature_group_count=e, use_bias=False)
+
+    def ref(x, kernels):
+        return jnp.stack([conv.apply({"params": {"kernel": kernels[i][:, :, None, :]}}, x) for i in range(d)])
+
+    y, y_ref = depthwise_conv2d(x, kernels), ref(x, kernels)
+    assert y.shape == (d, 2, *hw, e) and float(jnp.std(y_ref)) > 0
+    assert relerr(y, y_ref) <= 1e-5
+    loss = lambda f: lambda x, kk: jnp.sum(w * jnp.sin(f(x, kk)))
+    grads = jax.grad(loss(depthwise_conv2d), argnums=(0, 1))(x, kernels)
+    grads_ref = jax.grad(loss(ref), argnums=(0, 1))(x, kernels)
+    for name, g, g_ref in zip(("x", "kernel"), grads, grads_ref):
+        assert relerr(g, g_ref) <= 1e-5, name
+
+
+@pytest.mark.parametrize("layer_index", [0, 1, 3])
+@pytest.mark.parametrize("use_dwconv", [True, False])
+def test_bissm_fast_graph_equals_reference_graph(layer_index, use_dwconv, relerr):
+    """The CPU graph (one shifted-add conv call, one permute) == the reference graph (grouped
+    `nn.Conv`s, two gathers): same parameter tree and init, same outputs and gradients."""
+    from conftest import redraw_params
+
+    cfg = _cfg(use_dwconv=use_dwconv)
+    fast, ref = BiSSM(cfg, layer_index=layer_index), BiSSM(cfg, layer_index=layer_index, reference_graph=True)
+    x = jax.random.normal(jax.random.key(1), (2, 128, 32))
+    p_fast = fast.init(jax.random.key(0), x, (8, 16))["params"]
+    p_ref = ref.init(jax.random.key(0), x, (8, 16))["params"]
+    is_leaf = lambda p: hasattr(p, "names")
+    assert jax.tree_util.tree_structure(p_fast, is_leaf=is_leaf) == jax.tree_util.tree_structure(p_ref, is_leaf=is_leaf)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(p_fast, is_leaf=is_leaf), jax.tree_util.tree_leaves(p_ref, is_leaf=is_leaf)
+    ):
+        assert a.names == b.names
+        np.testing.assert_array_equal(a.value, b.value)
+    params = redraw_params(p_fast, seed=4)
+    w = jax.random.normal(jax.random.key(5), x.shape)
+    loss = lambda m: lambda p, x: jnp.sum(w * jnp.sin(m.apply({"params": p}, x, (8, 16))))
+    y, y_ref = fast.apply({"params": params}, x, (8, 16)), ref.apply({"params": params}, x, (8, 16))
+    assert float(jnp.std(y_ref)) > 0 and relerr(y, y_ref) <= 1e-5
+    grads = jax.grad(loss(fast), argnums=(0, 1))(params, x)
+    grads_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+    flat = jax.tree_util.tree_leaves_with_path(grads_ref)
+    for (path, g_ref), g in zip(flat, jax.tree_util.tree_leaves(grads)):
+        assert float(jnp.linalg.norm(g_ref)) > 0, path
+        assert relerr(g, g_ref) <= 1e-5, path

@@ -34,7 +34,9 @@ def auto_impl(backend: str | None = None) -> str:
     CPU: "sequential". `python -m microforge_jax.bench.scan` (2-core Xeon, 2026-11-26): fastest
     forward at every shape (2-4x chunked, 10-25x associative) and fastest fwd+bwd at the nano shapes
     and the mock 6-block step; chunked (chunk 8) won fwd+bwd at the tiny shape (244 vs 362 ms).
-    The associative form pays for passes over L x D x N tensors in memory. GPU/TPU: "associative",
+    The associative form pays for passes over L x D x N tensors in memory. With the dot-reduction
+    backward (same day), the mock step's fwd+bwd is 1202 ms sequential vs 3563 ms chunked (chunk 8).
+    GPU/TPU: "associative",
     the parallel form the design card names; not measured on an accelerator yet.
     """
     backend = backend or jax.default_backend()
@@ -146,13 +148,18 @@ def _associative(u, d, At, B, C):
 
 
 def _seq_forward(u, d, At, B, C, keep_states: bool):
+    """Forward loop; with `keep_states` also returns the state *entering* each step, h_{t-1}.
+
+    Keeping h_{t-1} (not h_t) hands the backward step both states it needs (it rebuilds h_t in
+    registers) without a shifted copy of the (L, Bt, N, Din) history.
+    """
     h0 = jnp.zeros((u.shape[1], At.shape[1], u.shape[2]), jnp.float32)
 
     def step(h, x):
         ut, dt, bt, ct = x
-        h = _decay(dt, At) * h + _inject(dt, ut, bt)
-        y = jnp.sum(h * ct[:, :, None], 1)
-        return h, ((y, h) if keep_states else y)
+        h_new = _decay(dt, At) * h + _inject(dt, ut, bt)
+        y = jnp.sum(h_new * ct[:, :, None], 1)
+        return h_new, ((y, h) if keep_states else y)
 
     return lax.scan(step, h0, (u, d, B, C))[1]
 
@@ -163,13 +170,56 @@ def _sequential(u, d, At, B, C):
 
 
 def _sequential_fwd(u, d, At, B, C):
-    y, hs = _seq_forward(u, d, At, B, C, keep_states=True)
-    return y, (u, d, At, B, C, hs)
+    y, hprev = _seq_forward(u, d, At, B, C, keep_states=True)
+    return y, (u, d, At, B, C, hprev)
 
 
 def _sequential_bwd(res, g):
-    # Autodiff of the forward loop body emits ~20 small fusions per step and was 1.5x slower; this
-    # reverse scan carries the adjoint lam_t = g_t C_t + a_{t+1} lam_{t+1} and reduces in the body.
+    # A reverse scan carrying the adjoint lam_t = g_t C_t + a_{t+1} lam_{t+1} and dA, reducing in the
+    # body (autodiff of the forward body: ~20 small fusions per step, 1.5x slower). The three
+    # contractions over one axis of the (Bt, N, Din) state are batched dots, not broadcast-multiply
+    # + reduce: XLA CPU materialises every broadcast operand of a reduction at full state size, and
+    # the dots skip that (~0.75x the step time, `python -m microforge_jax.bench.scan`). Vectorising
+    # the gradients over the whole time axis (or over chunks of it) was 2-4x slower: each extra
+    # pass over an (L, Bt, N, Din) tensor costs more than the loop overhead it saves.
+    u, d, At, B, C, hprevs = res
+
+    def step(carry, x):
+        lam_next, dA = carry
+        ut, dt, bt, ct, gt, hp = x
+        a = _decay(dt, At)
+        du_dt = dt * ut
+        lam = gt[:, None, :] * ct[:, :, None] + lam_next
+        h = a * hp + du_dt[:, None, :] * bt[:, :, None]
+        dC = jnp.einsum("bnd,bd->bn", h, gt)
+        dB = jnp.einsum("bnd,bd->bn", lam, du_dt)
+        s = jnp.einsum("bnd,bn->bd", lam, bt)
+        q = lam * hp * a
+        ddelta = s * ut + jnp.sum(q * At, -2)
+        return (a * lam, dA + q * dt[:, None, :]), (s * dt, ddelta, dB, dC)
+
+    init = (jnp.zeros_like(hprevs[0]), jnp.zeros_like(hprevs[0]))
+    (_, dA), (du, ddelta, dB, dC) = lax.scan(step, init, (u, d, B, C, g, hprevs), reverse=True)
+    return du, ddelta, _reduce_dA(dA[None], At), dB, dC
+
+
+_sequential.defvjp(_sequential_fwd, _sequential_bwd)
+
+
+# The previous backward (kept for `python -m microforge_jax.bench.scan`'s before/after columns).
+def _sequential_fwd_v1(u, d, At, B, C):
+    h0 = jnp.zeros((u.shape[1], At.shape[1], u.shape[2]), jnp.float32)
+
+    def step(h, x):
+        ut, dt, bt, ct = x
+        h = _decay(dt, At) * h + _inject(dt, ut, bt)
+        return h, (jnp.sum(h * ct[:, :, None], 1), h)
+
+    y, hs = lax.scan(step, h0, (u, d, B, C))[1]
+    return y, (u, d, At, B, C, hs)
+
+
+def _sequential_bwd_v1(res, g):
     u, d, At, B, C, hs = res
     hprev = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]], 0)
 
@@ -182,12 +232,13 @@ def _sequential_bwd(res, g):
         du, ddelta, dA_t, dB, dC = _state_grads(ut, dt, At, bt, gt, lam, h, hp)
         return (a * lam, dAt + dA_t), (du, ddelta, dB, dC)
 
-    init = (jnp.zeros_like(hs[0]), jnp.zeros_like(At))
+    init = (jnp.zeros_like(hprev[0]), jnp.zeros_like(At))
     (_, dAt), (du, ddelta, dB, dC) = lax.scan(step, init, (u, d, B, C, g, hprev), reverse=True)
     return du, ddelta, dAt, dB, dC
 
 
-_sequential.defvjp(_sequential_fwd, _sequential_bwd)
+_sequential_v1 = jax.custom_vjp(lambda u, d, At, B, C: _seq_forward(u, d, At, B, C, keep_states=False))
+_sequential_v1.defvjp(_sequential_fwd_v1, _sequential_bwd_v1)
 
 
 # ----------------------------------------------------------------------------- chunked

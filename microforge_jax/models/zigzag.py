@@ -52,3 +52,23 @@ def inverse(path: np.ndarray) -> np.ndarray:
     inv = np.empty_like(path)
     inv[path] = np.arange(path.size, dtype=path.dtype)
     return inv
+
+
+def permute(x, path: np.ndarray, axis: int = 1):
+    """`jnp.take(x, path, axis)` whose backward is the inverse gather, not a scatter-add.
+
+    Autodiff of a gather transposes to a scatter-add, which XLA CPU runs as a serial loop; for a
+    permutation the cotangent is simply gathered back with `inverse(path)`.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    path = np.asarray(path)
+    inv = inverse(path)
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.take(x, path, axis=axis)
+
+    f.defvjp(lambda x: (f(x), None), lambda _, g: (jnp.take(g, inv, axis=axis),))
+    return f(x)

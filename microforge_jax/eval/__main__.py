@@ -4,6 +4,9 @@
       scores the dataset's own renders of the first N prompts of a split (a sanity check: ~100%).
   python -m microforge_jax.eval --split heldout --num 200 --dump-prompts prompts.json
       writes [{"index", "caption", "scene"}] for an external sampler, which saves `<index>.png`.
+  python -m microforge_jax.eval --workdir runs/nano [--num 200 --steps 25 --cfg 4 --edits 64]
+      evaluates a trained run: generation on held-out prompts, VAE PSNR, recolour edits
+      (microforge_jax.eval.model_eval; writes <workdir>/eval.json).
   python -m microforge_jax.eval --images DIR [--scenes scenes.json] --split heldout --out eval.json
       scores PNGs named by prompt index (`7.png`, `00007.png`); scenes come from --scenes (a JSON list
       of scene dicts, or the --dump-prompts file), else DIR/scenes.json, else the split's prompts.
@@ -39,6 +42,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scenes", type=Path, default=None, help="JSON scenes for --images")
     p.add_argument("--dump-prompts", type=Path, default=None, help="write the prompts as JSON and exit")
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON")
+    p.add_argument("--workdir", type=Path, default=None, help="evaluate a trained run (model_eval)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (--workdir)")
+    p.add_argument("--cfg", type=float, default=4.0, help="guidance scale (--workdir)")
+    p.add_argument("--edits", type=int, default=64, help="recolour edits to score (--workdir; 0: none)")
     return p.parse_args(argv)
 
 
@@ -88,6 +95,18 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         raise InputError(f"--num must be positive, got {args.num}")
     if args.resolution < 12:
         raise InputError(f"--resolution must be at least 12, got {args.resolution}")
+    if args.workdir is not None:
+        from microforge_jax.eval import model_eval  # noqa: PLC0415 (loads jax and the model)
+
+        if args.steps < 1:
+            raise InputError(f"--steps must be at least 1, got {args.steps}")
+        result = model_eval.evaluate_run(
+            args.workdir, num=200 if args.num is None else args.num, steps=args.steps, cfg=args.cfg,
+            seed=args.seed, edits=args.edits, split=args.split,
+        )  # fmt: skip
+        print(model_eval.format_result(result))
+        print(f"wrote {args.workdir / 'eval.json'}")
+        return None
     if args.dump_prompts is not None:
         num = 200 if args.num is None else args.num
         prompts = []

@@ -1,0 +1,855 @@
+"""A PyTorch mirror of MicroForge: DC-VAE, BiSSM backbone, planner, SimpleTextEncoder and the sampler.
+
+Imports only torch, numpy and the standard library (safetensors and transformers lazily, in
+`load_exported`), so this file can be copied into a PyTorch or mobile project as it is.
+
+Layouts are PyTorch's: images (B, 3, H, W) in [-1, 1], latents (B, C, h, w), tokens (B, L, D).
+Parameter names are the JAX tree's, joined with "." (`kernel`/`scale`/`embedding` become
+`weight`), so `microforge_jax.export.convert` maps them one to one. Flax defaults are matched
+explicitly: LayerNorm/GroupNorm eps 1e-6 (1e-5 in SimpleTextEncoder), erf GELU, GroupNorm with
+`num_groups(channels)` groups, "SAME" conv padding, multi-query K/V broadcast over the query
+heads, fp32 softmax. The selective scan is a static chunked closed form (no Python loop over
+tokens), so ONNX export does not unroll L x layers nodes.
+
+    model = load_exported("export/nano")
+    images = model.generate(["a red circle"], steps=20, cfg=4.0, seed=0)  # uint8 (N, H, W, 3)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NUM_TASKS, NUM_MOD = 4, 6
+TASKS = ("generate", "edit", "inpaint", "sr")
+BOS_ID, EOS_ID, PAD_ID, SIMPLE_VOCAB = 256, 257, 258, 259
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def num_groups(channels: int, max_groups: int = 32) -> int:
+    """GroupNorm group count: the largest divisor of `channels` not above `max_groups` (as the JAX model)."""
+    for g in range(min(max_groups, channels), 0, -1):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+def stage_channels(vae: Mapping[str, Any]) -> list[int]:
+    """Widths of the log2(factor) + 1 VAE stages: the channel list, its last width repeated."""
+    n = int(round(math.log2(vae["downsample_factor"]))) + 1
+    ch = list(vae["channels"])
+    return ch[:n] if n < len(ch) else ch + [ch[-1]] * (n - len(ch))
+
+
+def timestep_embedding(t_B: Tensor, dim: int, max_period: float = 10000.0, scale: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding of t in [0, 1] (scaled to [0, 1000]): (B,) -> (B, dim), fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = (scale * t_B.float())[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_2d(height: int, width: int, dim: int) -> Tensor:
+    """2-D sin-cos positions (H*W, dim) in raster order: rows in the first half, columns in the second."""
+    quarter = dim // 4
+    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    rows = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width).reshape(-1)
+    cols = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width).reshape(-1)
+    out_r, out_c = rows[:, None] * omega[None], cols[:, None] * omega[None]
+    return torch.cat([torch.sin(out_r), torch.cos(out_r), torch.sin(out_c), torch.cos(out_c)], dim=-1)
+
+
+# (snake over rows or columns, flip rows, flip columns), cycled from layer to layer (ZigMa).
+PATHS = (
+    ("row", False, False),
+    ("col", False, False),
+    ("row", True, False),
+    ("col", False, True),
+    ("row", False, True),
+    ("col", True, False),
+    ("row", True, True),
+    ("col", True, True),
+)
+
+
+def zigzag_path(height: int, width: int, layer_index: int) -> Tensor:
+    """Layer `layer_index`'s scan order (L,): position k of the path visits raster index path[k].
+
+    Torch ops only (no numpy), so `torch.export` traces it; a constant once the grid is static.
+    """
+    kind, flip_rows, flip_cols = PATHS[layer_index % len(PATHS)]
+    grid = torch.arange(height * width).reshape(height, width)
+    if flip_rows:
+        grid = grid.flip(0)
+    if flip_cols:
+        grid = grid.flip(1)
+    if kind == "col":
+        grid = grid.t()
+    odd = (torch.arange(grid.shape[0]) % 2 == 1)[:, None]
+    return torch.where(odd, grid.flip(1), grid).reshape(-1)  # boustrophedon: odd lines run backwards
+
+
+def layer_norm(dim: int, eps: float = 1e-6, affine: bool = True) -> nn.LayerNorm:
+    """LayerNorm with Flax's epsilon (torch's default is 1e-5)."""
+    return nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1.0 + scale[:, None]) + shift[:, None]
+
+
+def dot_product_attention(q: Tensor, k: Tensor, v: Tensor, mask_BxS: Tensor | None = None) -> Tensor:
+    """(B, L, H, K) queries, (B, S, H or 1, K) keys/values -> (B, L, H, K); fp32 logits and softmax."""
+    dtype, depth = q.dtype, q.shape[-1]
+    q = q.float() / math.sqrt(depth)
+    logits = torch.einsum("blhk,bshk->bhls", q, k.float().expand(-1, -1, q.shape[2], -1))
+    if mask_BxS is not None:
+        logits = logits.masked_fill(~mask_BxS.bool()[:, None, None, :], torch.finfo(torch.float32).min)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.einsum("bhls,bshk->blhk", probs, v.float().expand(-1, -1, q.shape[2], -1)).to(dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention from x to a context (self-attention without one); `kv_heads=1` is MQA."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, kv_heads: int | None = None, context_dim: int = 0):
+        super().__init__()
+        self.num_heads, self.head_dim, self.kv_heads = num_heads, head_dim, kv_heads or num_heads
+        ctx = context_dim or dim
+        self.q = nn.Linear(dim, num_heads * head_dim)
+        self.k = nn.Linear(ctx, self.kv_heads * head_dim)
+        self.v = nn.Linear(ctx, self.kv_heads * head_dim)
+        self.out = nn.Linear(num_heads * head_dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask_BxS: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        b, n, s = x.shape[0], x.shape[1], context.shape[1]
+        q = self.q(x).reshape(b, n, self.num_heads, self.head_dim)
+        k = self.k(context).reshape(b, s, self.kv_heads, self.head_dim)
+        v = self.v(context).reshape(b, s, self.kv_heads, self.head_dim)
+        return self.out(dot_product_attention(q, k, v, mask_BxS).reshape(b, n, -1))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (erf, as the JAX model) -> fc2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def conv_same(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """A stride-1 conv with lax "SAME" padding (an even kernel's extra row/column of padding goes after)."""
+    kh, kw = conv.kernel_size
+    lo_h, lo_w = (kh - 1) // 2, (kw - 1) // 2
+    x = F.pad(x, (lo_w, kw - 1 - lo_w, lo_h, kh - 1 - lo_h))
+    return F.conv2d(x, conv.weight, conv.bias, groups=conv.groups)
+
+
+class Conv(nn.Conv2d):
+    """A stride-1 KxK conv with "SAME" padding (Flax's default), optionally depthwise."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, groups: int = 1):
+        super().__init__(cin, cout, k, groups=groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return conv_same(x, self)
+
+
+# ----------------------------------------------------------------------------- DC-VAE (NCHW)
+
+
+def channel_average(x: Tensor, out: int) -> Tensor:
+    """Averages groups of consecutive channels: (B, out*g, H, W) -> (B, out, H, W)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, out, c // out, h, w).mean(2)
+
+
+def channel_repeat(x: Tensor, out: int) -> Tensor:
+    """Repeats each channel consecutively: (B, c, H, W) -> (B, out, H, W)."""
+    return torch.repeat_interleave(x, out // x.shape[1], dim=1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        g = num_groups(ch)
+        self.norm1, self.conv1 = nn.GroupNorm(g, ch, eps=1e-6), Conv(ch, ch)
+        self.norm2, self.conv2 = nn.GroupNorm(g, ch, eps=1e-6), Conv(ch, ch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        return x + self.conv2(F.silu(self.norm2(h)))
+
+
+class Downsample(nn.Module):
+    """conv3x3 to out/4 -> pixel_unshuffle(2), plus pixel_unshuffle(x) averaged down to `out`."""
+
+    def __init__(self, cin: int, out: int):
+        super().__init__()
+        self.out_ch, self.conv = out, Conv(cin, out // 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pixel_unshuffle(self.conv(x), 2) + channel_average(F.pixel_unshuffle(x, 2), self.out_ch)
+
+
+class Upsample(nn.Module):
+    """conv3x3 to 4*out -> pixel_shuffle(2), plus x with channels repeated, pixel-shuffled."""
+
+    def __init__(self, cin: int, out: int):
+        super().__init__()
+        self.out_ch, self.conv = out, Conv(cin, out * 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pixel_shuffle(self.conv(x), 2) + F.pixel_shuffle(channel_repeat(x, self.out_ch * 4), 2)
+
+
+class Encoder(nn.Module):
+    def __init__(self, vae: Mapping[str, Any], latent_channels: int):
+        super().__init__()
+        widths = stage_channels(vae)
+        self.widths, self.blocks, self.moments = widths, vae["encoder_blocks"], 2 * latent_channels
+        self.conv_in = Conv(3, widths[0])
+        for i, width in enumerate(widths):
+            for j in range(self.blocks):
+                self.add_module(f"stage{i}_block{j}", ResBlock(width))
+            if i + 1 < len(widths):
+                self.add_module(f"stage{i}_down", Downsample(width, widths[i + 1]))
+        self.norm_out = nn.GroupNorm(num_groups(widths[-1]), widths[-1], eps=1e-6)
+        self.conv_out = Conv(widths[-1], self.moments)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)
+        for i in range(len(self.widths)):
+            for j in range(self.blocks):
+                h = getattr(self, f"stage{i}_block{j}")(h)
+            if i + 1 < len(self.widths):
+                h = getattr(self, f"stage{i}_down")(h)
+        return self.conv_out(F.silu(self.norm_out(h))) + channel_average(h, self.moments)
+
+
+class Decoder(nn.Module):
+    def __init__(self, vae: Mapping[str, Any], latent_channels: int):
+        super().__init__()
+        widths = stage_channels(vae)
+        self.widths, self.blocks = widths, vae["decoder_blocks"]
+        self.conv_in = Conv(latent_channels, widths[-1])
+        for i in reversed(range(len(widths))):
+            for j in range(self.blocks):
+                self.add_module(f"stage{i}_block{j}", ResBlock(widths[i]))
+            if i > 0:
+                self.add_module(f"stage{i}_up", Upsample(widths[i], widths[i - 1]))
+        self.norm_out = nn.GroupNorm(num_groups(widths[0]), widths[0], eps=1e-6)
+        self.conv_out = Conv(widths[0], 3)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.conv_in(z) + channel_repeat(z, self.widths[-1])
+        for i in reversed(range(len(self.widths))):
+            for j in range(self.blocks):
+                h = getattr(self, f"stage{i}_block{j}")(h)
+            if i > 0:
+                h = getattr(self, f"stage{i}_up")(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class DCVAE(nn.Module):
+    """`encode(image) -> (mean, logvar)` (the diagonal Gaussian posterior), `decode(z) -> image`."""
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        super().__init__()
+        self.factor = cfg["vae"]["downsample_factor"]
+        self.encoder = Encoder(cfg["vae"], cfg["latent_channels"])
+        self.decoder = Decoder(cfg["vae"], cfg["latent_channels"])
+
+    def encode(self, image_Bx3xHxW: Tensor) -> tuple[Tensor, Tensor]:
+        h, w = image_Bx3xHxW.shape[-2:]
+        if h % self.factor or w % self.factor:
+            raise ValueError(f"image height and width must be multiples of {self.factor}, got {h}x{w}")
+        mean, logvar = self.encoder(image_Bx3xHxW).float().chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z_BxCxhxw: Tensor) -> Tensor:
+        return self.decoder(z_BxCxhxw).float()
+
+    def forward(self, z_BxCxhxw: Tensor) -> Tensor:
+        return self.decode(z_BxCxhxw)
+
+
+# ----------------------------------------------------------------------------- selective scan
+
+
+def segsum(x: Tensor) -> Tensor:
+    """seg[..., t, s, :, :] = sum_{s < i <= t} x[..., i, :, :] for s <= t, -inf above the diagonal.
+
+    x: (..., T, E, N) -> (..., T, T, E, N). Summing only the terms of each segment (not
+    differencing a cumulative sum) keeps exp(seg) accurate when the log-decays are large.
+    """
+    t = x.shape[-3]
+    idx = torch.arange(t)
+    strict = (idx[:, None] > idx[None, :])[:, :, None, None]  # i > s
+    xx = torch.where(strict, x.unsqueeze(-3).expand(*x.shape[:-3], t, t, *x.shape[-2:]), torch.zeros((), dtype=x.dtype))
+    seg = torch.cumsum(xx, dim=-4)
+    lower = (idx[:, None] >= idx[None, :])[:, :, None, None]
+    return torch.where(lower, seg, torch.full((), -math.inf, dtype=x.dtype))
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, chunk: int = 8) -> Tensor:
+    """Mamba-1 selective scan from a zero state, in a static chunked closed form (Mamba-2 "SSD" style).
+
+        a_t = exp(delta_t A)   b_t = delta_t B_t u_t   h_t = a_t h_{t-1} + b_t   y_t = C_t h_t + D u_t
+
+    Within a chunk of T tokens, h_t = sum_{s<=t} exp(sum_{s<i<=t} delta_i A) b_s + exp(sum_{i<=t} delta_i A) h_0;
+    the chunk-entry states h_0 follow from the same formula one level up, over chunks. Every exponent
+    is <= 0, so nothing overflows; all fp32. No loop over tokens or chunks: ONNX gets a fixed graph.
+
+    Args:
+      u, delta: (Bt, L, E) input and positive step sizes (softplus applied).
+      A: (E, N) or (Bt, E, N) negative decay rates (-exp(A_log)).
+      B, C: (Bt, L, N).
+      D: (E,) or (Bt, E) skip.
+      chunk: T, tokens per chunk (memory ~ Bt * L * T * E * N).
+
+    Returns:
+      y: (Bt, L, E) in u's dtype.
+    """
+    bt, length, e = u.shape
+    A = A.float().reshape(-1, *A.shape[-2:])  # (1 or Bt, E, N)
+    D = D.float().reshape(-1, e)
+    t = max(1, min(chunk, length))
+    pad = -length % t
+    uf, df, Bf, Cf = (x.float() for x in (u, delta, B, C))
+    if pad:  # delta = 0: a = 1 and b = 0, the state passes through the padding unchanged
+        uf, df, Bf, Cf = (F.pad(x, (0, 0, 0, pad)) for x in (uf, df, Bf, Cf))
+    nc = (length + pad) // t
+    uf, df, Bf, Cf = (x.reshape(bt, nc, t, x.shape[-1]) for x in (uf, df, Bf, Cf))
+    dA = df[..., None] * A[:, None, None]  # (Bt, nc, T, E, N) log-decays
+    b = (df * uf)[..., None] * Bf[..., None, :]  # (Bt, nc, T, E, N)
+    # Intra-chunk: the states each chunk builds from a zero start.
+    h_local = (torch.exp(segsum(dA)) * b.unsqueeze(-4)).sum(-3)  # (Bt, nc, T, E, N): sum over s
+    # Inter-chunk: states entering each chunk, from the chunk-local end states and chunk decays.
+    cum = torch.cumsum(dA, dim=2)  # (Bt, nc, T, E, N), from the chunk start
+    zeros = torch.zeros_like(cum[:, :1, 0])
+    chunk_decay = torch.cat([zeros, cum[:, :, -1]], dim=1)  # (Bt, nc + 1, E, N)
+    ends = torch.cat([zeros, h_local[:, :, -1]], dim=1)
+    h_enter = (torch.exp(segsum(chunk_decay)) * ends.unsqueeze(1)).sum(2)[:, :-1]  # (Bt, nc, E, N)
+    h = h_local + torch.exp(cum) * h_enter[:, :, None]
+    y = (h * Cf[..., None, :]).sum(-1).reshape(bt, nc * t, e)[:, :length]
+    return (y + u.float() * D[:, None, :]).to(u.dtype)
+
+
+def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
+    """The same scan as a plain loop over tokens (for tests; do not export this one)."""
+    bt, length, e = u.shape
+    A = A.float().reshape(-1, e, A.shape[-1])
+    h = torch.zeros(bt, e, A.shape[-1])
+    ys = []
+    for i in range(length):
+        d = delta[:, i].float()
+        h = torch.exp(d[..., None] * A) * h + (d * u[:, i].float())[..., None] * B[:, i, None].float()
+        ys.append((h * C[:, i, None].float()).sum(-1))
+    return (torch.stack(ys, 1) + u.float() * D.float().reshape(-1, e)[:, None]).to(u.dtype)
+
+
+# ----------------------------------------------------------------------------- backbone
+
+
+class BiSSM(nn.Module):
+    """Bidirectional selective scan along this layer's zigzag path, with 2-D depthwise convs.
+
+    `out = out_proj((y_fwd + y_bwd) * silu(z))`; each direction owns conv, x_proj, dt_proj, A_log, D.
+    """
+
+    def __init__(self, bb: Mapping[str, Any], layer_index: int):
+        super().__init__()
+        dim, self.inner, self.state = bb["dim"], bb["ssm_expand"] * bb["dim"], bb["ssm_state"]
+        self.rank = bb["dt_rank"] or math.ceil(dim / 16)
+        self.layer_index, self.use_dwconv, self.chunk = layer_index, bb["use_dwconv"], bb["scan_chunk"]
+        self.in_proj = nn.Linear(dim, 2 * self.inner, bias=False)
+        for p in ("fwd_", "bwd_"):
+            if self.use_dwconv:
+                self.add_module(f"{p}conv", Conv(self.inner, self.inner, bb["conv_kernel"], groups=self.inner))
+            self.add_module(f"{p}x_proj", nn.Linear(self.inner, self.rank + 2 * self.state, bias=False))
+            self.add_module(f"{p}dt_proj", nn.Linear(self.rank, self.inner))
+            self.register_parameter(f"{p}A_log", nn.Parameter(torch.zeros(self.inner, self.state)))
+            self.register_parameter(f"{p}D", nn.Parameter(torch.ones(self.inner)))
+        self.out_proj = nn.Linear(self.inner, dim, bias=False)
+
+    def forward(self, x_BxLxD: Tensor, grid_hw: tuple[int, int]) -> Tensor:
+        (h, w), b = grid_hw, x_BxLxD.shape[0]
+        x, z = self.in_proj(x_BxLxD).chunk(2, dim=-1)
+        perm = zigzag_path(h, w, self.layer_index)
+        order = {"fwd_": perm, "bwd_": perm.flip(0)}  # the backward direction runs the path reversed
+        us, deltas, As, Bs, Cs, Ds = [], [], [], [], [], []
+        for p, idx in order.items():
+            u = x
+            if self.use_dwconv:
+                grid = x.transpose(1, 2).reshape(b, self.inner, h, w)
+                u = getattr(self, f"{p}conv")(grid).reshape(b, self.inner, h * w).transpose(1, 2)
+            u = F.silu(u)[:, idx]
+            dt, Bm, Cm = getattr(self, f"{p}x_proj")(u).split([self.rank, self.state, self.state], dim=-1)
+            # fp32 island: the step size and the decay it drives.
+            deltas.append(F.softplus(getattr(self, f"{p}dt_proj")(dt).float()))
+            As.append((-torch.exp(getattr(self, f"{p}A_log").float()))[None].expand(b, -1, -1))
+            Ds.append(getattr(self, f"{p}D").float()[None].expand(b, -1))
+            us.append(u)
+            Bs.append(Bm)
+            Cs.append(Cm)
+        # Both directions in one scan call, stacked on the batch axis (as the JAX model).
+        y = selective_scan(*(torch.cat(v, 0) for v in (us, deltas, As, Bs, Cs, Ds)), chunk=self.chunk)
+        y = y[:b][:, torch.argsort(order["fwd_"])] + y[b:][:, torch.argsort(order["bwd_"])]
+        return self.out_proj(y.to(z.dtype) * F.silu(z))
+
+
+class HybridBlock(nn.Module):
+    """AdaLN-modulated BiSSM -> gated cross-attention to [text ; plan] -> modulated FFN."""
+
+    def __init__(self, bb: Mapping[str, Any], layer_index: int):
+        super().__init__()
+        d = bb["dim"]
+        heads = max(1, d // bb["head_dim"])
+        self.mod_offset = nn.Parameter(torch.zeros(NUM_MOD, d))
+        self.norm1 = layer_norm(d, affine=False)
+        if bb["mixer"] == "bissm":
+            self.mixer = BiSSM(bb, layer_index)
+        else:
+            self.mixer = Attention(d, heads, bb["head_dim"])
+        self.norm2 = layer_norm(d)
+        self.cross_attn = Attention(d, heads, bb["head_dim"], kv_heads=1)
+        self.cross_gate = nn.Parameter(torch.zeros(d))
+        self.norm3 = layer_norm(d, affine=False)
+        self.ffn = Mlp(d, bb["ffn_expand"] * d)
+
+    def forward(self, x: Tensor, mod: Tensor, context: Tensor, mask: Tensor, grid_hw: tuple[int, int]) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = (mod + self.mod_offset[None]).unbind(1)
+        h = modulate(self.norm1(x), shift1, scale1)
+        h = self.mixer(h, grid_hw) if isinstance(self.mixer, BiSSM) else self.mixer(h)
+        x = x + gate1[:, None] * h
+        x = x + self.cross_gate * self.cross_attn(self.norm2(x), context, mask)
+        return x + gate2[:, None] * self.ffn(modulate(self.norm3(x), shift2, scale2))
+
+
+class SharedMQA(nn.Module):
+    """Gated multi-query self-attention; one parameter set shared by all its uses."""
+
+    def __init__(self, bb: Mapping[str, Any]):
+        super().__init__()
+        d = bb["dim"]
+        self.norm = layer_norm(d)
+        self.attn = Attention(d, max(1, d // bb["head_dim"]), bb["head_dim"], kv_heads=1)
+        self.gate = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.gate * self.attn(self.norm(x))
+
+
+class Backbone(nn.Module):
+    """Velocity of the target latent from (z_t, t, text, plan, task[, source]); only the target half."""
+
+    def __init__(self, bb: Mapping[str, Any]):
+        super().__init__()
+        self.bb = dict(bb)
+        d, c, e = bb["dim"], bb["latent_channels"], bb["text_dim"]
+        self.group = 1 if bb["adaln"] == "full" else bb["adaln_group_size"]
+        self.patch_embed = nn.Linear(c, d)
+        self.segment_embed = nn.Parameter(torch.zeros(2, d))
+        self.t_fc1, self.t_fc2 = nn.Linear(256, d), nn.Linear(d, d)
+        self.task_embed = nn.Parameter(torch.zeros(NUM_TASKS, d))
+        self.pooled_proj, self.text_proj = nn.Linear(e, d), nn.Linear(e, d)
+        for i in range(bb["depth"]):
+            if i % self.group == 0:
+                self.add_module(f"adaln{i // self.group}", nn.Linear(d, NUM_MOD * d))
+            self.add_module(f"block{i}", HybridBlock(bb, i))
+        # SharedMQA exists only if it is applied at least once (after every `shared_attn_every` blocks).
+        self.every = bb["shared_attn_every"]
+        self.shared_mqa = SharedMQA(bb) if bb["use_shared_attn"] and bb["depth"] >= self.every else None
+        self.final_adaln = nn.Linear(d, 2 * d)
+        self.final_norm = layer_norm(d, affine=False)
+        self.proj_out = nn.Linear(d, c)
+
+    def forward(
+        self,
+        z_BxCxhxw: Tensor,
+        t_B: Tensor,
+        text_BxMxE: Tensor,
+        text_mask_BxM: Tensor,
+        pooled_BxE: Tensor,
+        plan_BxKxD: Tensor | None = None,
+        task_B: Tensor | None = None,
+        source_BxCxhxw: Tensor | None = None,
+    ) -> Tensor:
+        b, c, h, w = z_BxCxhxw.shape
+        seg = self.segment_embed
+        x = self.patch_embed(z_BxCxhxw.permute(0, 2, 3, 1)) + seg[0]
+        if source_BxCxhxw is not None:  # editing: [target | source] along the width
+            x = torch.cat([x, self.patch_embed(source_BxCxhxw.permute(0, 2, 3, 1)) + seg[1]], dim=2)
+        grid_hw = (h, x.shape[2])
+        x = x.reshape(b, grid_hw[0] * grid_hw[1], -1)
+        if self.bb["pos_embed"] == "sincos":
+            x = x + sincos_2d(*grid_hw, x.shape[-1])[None]
+        task_B = torch.zeros(b, dtype=torch.long) if task_B is None else task_B.long()
+        t_emb = self.t_fc2(F.silu(self.t_fc1(timestep_embedding(t_B, 256))))
+        silu_cond = F.silu(t_emb + self.pooled_proj(pooled_BxE) + self.task_embed[task_B])
+        context, mask = self.text_proj(text_BxMxE), text_mask_BxM.bool()
+        if self.bb["use_planner"]:
+            context = torch.cat([context, plan_BxKxD], dim=1)
+            mask = torch.cat([mask, torch.ones(plan_BxKxD.shape[:2], dtype=torch.bool)], dim=1)
+        mod = None
+        for i in range(self.bb["depth"]):
+            if i % self.group == 0:
+                mod = getattr(self, f"adaln{i // self.group}")(silu_cond).reshape(b, NUM_MOD, -1)
+            x = getattr(self, f"block{i}")(x, mod, context, mask, grid_hw)
+            if self.shared_mqa is not None and (i + 1) % self.every == 0:
+                x = self.shared_mqa(x)
+        shift, scale = self.final_adaln(silu_cond).chunk(2, dim=-1)
+        v = self.proj_out(modulate(self.final_norm(x), shift, scale))
+        v = v.reshape(b, grid_hw[0], grid_hw[1], c)[:, :, :w]
+        return v.permute(0, 3, 1, 2).float()
+
+
+# ----------------------------------------------------------------------------- planner
+
+
+class Planner(nn.Module):
+    """Recurrent Latent Planner: gated carry of the previous plan, READ the latent, REASON, FFN."""
+
+    def __init__(self, pl: Mapping[str, Any]):
+        super().__init__()
+        self.pl = dict(pl)
+        d, k, hd = pl["dim"], pl["num_tokens"], pl["head_dim"]
+        heads = max(1, d // hd)
+        self.plan_init = nn.Parameter(torch.zeros(k, d))
+        self.init_proj = nn.Linear(pl["text_dim"], d)
+        self.carry_gate = nn.Parameter(torch.zeros(()))
+        self.t_fc1, self.t_fc2 = nn.Linear(256, d), nn.Linear(d, d)
+        self.latent_proj = nn.Linear(pl["latent_channels"], d)
+        self.latent_norm = layer_norm(d)
+        for i in range(pl["depth"]):
+            for part in ("read", "reason"):
+                self.add_module(f"{part}{i}", Attention(d, heads, hd))
+                self.add_module(f"{part}{i}_norm", layer_norm(d))
+            self.add_module(f"ffn{i}", Mlp(d, 3 * d))
+            self.add_module(f"ffn{i}_norm", layer_norm(d))
+        self.out_norm = layer_norm(d)
+
+    def forward(
+        self,
+        z_BxCxhxw: Tensor,
+        t_B: Tensor,
+        pooled_BxE: Tensor,
+        prev_BxKxD: Tensor | None = None,
+        has_prev_B: Tensor | None = None,
+    ) -> Tensor:
+        b, _, h, w = z_BxCxhxw.shape
+        p_init = self.plan_init[None] + self.init_proj(pooled_BxE)[:, None]
+        p = p_init
+        if prev_BxKxD is not None:
+            keep = torch.sigmoid(self.carry_gate.float())
+            mixed = keep * prev_BxKxD + (1 - keep) * p_init
+            p = mixed if has_prev_B is None else torch.where(has_prev_B.bool()[:, None, None], mixed, p_init)
+        p = p + self.t_fc2(F.silu(self.t_fc1(timestep_embedding(t_B, 256))))[:, None]
+        latent = self.latent_proj(z_BxCxhxw.permute(0, 2, 3, 1)).reshape(b, h * w, -1)
+        latent = self.latent_norm(latent + sincos_2d(h, w, latent.shape[-1])[None])
+        for i in range(self.pl["depth"]):
+            p = p + getattr(self, f"read{i}")(getattr(self, f"read{i}_norm")(p), latent)
+            p = p + getattr(self, f"reason{i}")(getattr(self, f"reason{i}_norm")(p))
+            p = p + getattr(self, f"ffn{i}")(getattr(self, f"ffn{i}_norm")(p))
+        return self.out_norm(p)
+
+
+class Denoiser(nn.Module):
+    """Planner then backbone: `forward(...) -> (velocity (B, C, h, w), plan (B, K, D) or None)`."""
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        super().__init__()
+        self.backbone = Backbone(cfg["backbone"])
+        self.planner = Planner(cfg["planner"]) if cfg["backbone"]["use_planner"] else None
+
+    def forward(
+        self,
+        z_BxCxhxw: Tensor,
+        t_B: Tensor,
+        text_BxMxE: Tensor,
+        text_mask_BxM: Tensor,
+        pooled_BxE: Tensor,
+        prev_plan_BxKxD: Tensor | None = None,
+        has_prev_B: Tensor | None = None,
+        task_B: Tensor | None = None,
+        source_BxCxhxw: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        plan = None
+        if self.planner is not None:
+            plan = self.planner(z_BxCxhxw, t_B, pooled_BxE, prev_plan_BxKxD, has_prev_B)
+        v = self.backbone(z_BxCxhxw, t_B, text_BxMxE, text_mask_BxM, pooled_BxE, plan, task_B, source_BxCxhxw)
+        return v, plan
+
+
+# ----------------------------------------------------------------------------- SimpleTextEncoder
+
+
+def byte_tokenize(prompts: Sequence[str], max_length: int) -> tuple[Tensor, Tensor]:
+    """UTF-8 bytes between BOS and EOS, right-padded with PAD, cut at a character boundary."""
+    ids = torch.full((len(prompts), max_length), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(prompts), max_length), dtype=torch.bool)
+    for i, text in enumerate(prompts):
+        data = text.encode("utf-8")
+        if len(data) > max_length - 2:
+            end = max_length - 2
+            while end > 0 and (data[end] & 0xC0) == 0x80:  # a continuation byte: back off
+                end -= 1
+            data = data[:end]
+        row = [BOS_ID, *data, EOS_ID]
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = True
+    return ids, mask
+
+
+class _TextLayer(nn.Module):
+    """Pre-LN transformer layer (LayerNorm eps 1e-5, erf GELU), parameter names of the JAX EncoderLayer."""
+
+    def __init__(self, d: int, heads: int, hidden: int):
+        super().__init__()
+        self.attn = nn.Module()
+        for name in ("query", "key", "value", "out"):
+            self.attn.add_module(name, nn.Linear(d, d))
+        self.mlp, self.heads = Mlp(d, hidden), heads
+        self.norm1, self.norm2 = layer_norm(d, 1e-5), layer_norm(d, 1e-5)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        b, n, d = x.shape
+        h = self.norm1(x)
+        q, k, v = (getattr(self.attn, m)(h).reshape(b, n, self.heads, -1) for m in ("query", "key", "value"))
+        x = x + self.attn.out(dot_product_attention(q, k, v, mask).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class _TextTransformer(nn.Module):
+    def __init__(self, d: int, layers: int, max_length: int):
+        super().__init__()
+        self.token_embed = nn.Embedding(SIMPLE_VOCAB, d)
+        self.position_embed = nn.Embedding(max_length, d)
+        self.num_layers = layers
+        for i in range(layers):
+            self.add_module(f"layers_{i}", _TextLayer(d, max(1, d // 64), 4 * d))
+        self.final_norm = layer_norm(d, 1e-5)
+
+
+class SimpleTextEncoder(nn.Module):
+    """The small byte-level encoder: `forward(ids, mask) -> (tokens (zeroed at padding), mask, pooled)`."""
+
+    def __init__(self, text: Mapping[str, Any]):
+        super().__init__()
+        self.max_length = text["max_length"]
+        self.transformer = _TextTransformer(text["embed_dim"], text["simple_layers"], text["max_length"])
+
+    def forward(self, ids_BxM: Tensor, mask_BxM: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        tr, mask = self.transformer, mask_BxM.bool()
+        x = tr.token_embed(ids_BxM) + tr.position_embed.weight[None, : ids_BxM.shape[1]]
+        for i in range(tr.num_layers):
+            x = getattr(tr, f"layers_{i}")(x, mask)
+        x = tr.final_norm(x)
+        m = mask.float()[..., None]
+        pooled = (x.float() * m).sum(1) / m.sum(1).clamp_min(1e-9)
+        return x * m, mask, pooled.to(x.dtype)
+
+    def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+        return self(*byte_tokenize(list(prompts), self.max_length))
+
+
+class HFTextEncoder:
+    """A Hugging Face BERT (mean pooling) or CLIP text (end-of-text pooling) folder, via transformers.
+
+    Not an `nn.Module` on purpose: its weights live in the folder, not in MicroForge's state dict.
+    """
+
+    def __init__(self, folder: str | Path, max_length: int):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if self.tokenizer.pad_token is None:  # CLIP folders without one pad with end-of-text
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModel.from_pretrained(str(folder)).eval()
+        self.model = getattr(model, "text_model", model)  # a full CLIPModel: its text tower
+        self.is_clip = "clip" in type(self.model).__name__.lower()
+        self.max_length = max_length
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+        enc = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        mask = enc["attention_mask"].bool()
+        out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        x = out.last_hidden_state
+        m = mask.float()[..., None]
+        if self.is_clip:
+            pooled = out.pooler_output.float()
+        else:
+            pooled = (x.float() * m).sum(1) / m.sum(1).clamp_min(1e-9)
+        return x * m, mask, pooled.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
+def time_grid(steps: int, shift: float = 1.0) -> Tensor:
+    """Times from 1 (noise) to 0 (data), shifted: s t / (1 + (s - 1) t); (steps + 1,) fp32."""
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32)
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+class MicroForgeTorch(nn.Module):
+    """The exported model: `vae`, `denoiser` and (for the simple encoder) `text`, plus the sampler.
+
+    Attributes:
+      config: the exported `config.json` (model config under "model").
+      text_encoder: `encode(prompts) -> (tokens, mask, pooled)` (SimpleTextEncoder or HFTextEncoder).
+    """
+
+    def __init__(self, config: Mapping[str, Any], text_encoder: HFTextEncoder | None = None):
+        super().__init__()
+        self.config = dict(config)
+        cfg = config["model"]
+        self.scaling_factor = float(cfg["vae"]["scaling_factor"])
+        self.shift_factor = float(cfg["vae"]["shift_factor"])
+        self.vae, self.denoiser = DCVAE(cfg), Denoiser(cfg)
+        self.text = SimpleTextEncoder(cfg["text"]) if cfg["text"]["encoder"] == "simple" else None
+        self.hf_text = text_encoder
+        self._uncond: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @property
+    def text_encoder(self) -> SimpleTextEncoder | HFTextEncoder | None:
+        """What `generate` encodes prompts with: the simple encoder, or the Hugging Face one."""
+        return self.text if self.text is not None else self.hf_text
+
+    @torch.no_grad()
+    def sample(
+        self,
+        text: tuple[Tensor, Tensor, Tensor],
+        uncond: tuple[Tensor, Tensor, Tensor] | None,
+        noise_BxCxhxw: Tensor,
+        scale: float,
+        steps: int,
+        *,
+        shift: float = 1.0,
+        source_Bx3xHxW: Tensor | None = None,
+        task: int = 0,
+        decode: bool = True,
+    ) -> tuple[Tensor | None, Tensor]:
+        """Euler from t=1 to 0 with CFG on a stacked [cond ; uncond] batch and the plan carried.
+
+        Args:
+          text, uncond: (tokens, mask, pooled) of the prompts and of the empty prompt (batch 1 is
+            broadcast); `uncond=None` samples without guidance.
+          noise_BxCxhxw: N(0, 1) in the backbone's normalised latent space.
+          scale: guidance scale; steps: Euler steps; shift: time-grid shift.
+          source_Bx3xHxW: the source image in [-1, 1] for edit / inpaint / sr (task 1 / 2 / 3).
+
+        Returns:
+          (images (B, 3, H, W) in [-1, 1] or None, final normalised latent (B, C, h, w)).
+        """
+        b = noise_BxCxhxw.shape[0]
+        guided = uncond is not None
+        text = tuple(x.expand(b, *x.shape[1:]) for x in text)  # a batch of 1 is broadcast
+        if guided:
+            text = tuple(torch.cat([c, u.expand(b, *u.shape[1:]).to(c.dtype)]) for c, u in zip(text, uncond))
+        n = 2 * b if guided else b
+        task_N = torch.full((n,), task, dtype=torch.long)
+        source = None
+        if source_Bx3xHxW is not None:
+            mean, _ = self.vae.encode(source_Bx3xHxW.float())
+            source = (mean - self.shift_factor) * self.scaling_factor
+            source = torch.cat([source, source]) if guided else source
+        ts = time_grid(steps, shift)
+        z, plan = noise_BxCxhxw.float(), None
+        for k in range(steps):
+            z_N = torch.cat([z, z]) if guided else z
+            v_N, plan = self.denoiser(z_N, ts[k].expand(n), *text, plan, None, task_N, source)
+            v = v_N[b:] + scale * (v_N[:b] - v_N[b:]) if guided else v_N
+            z = z - (ts[k] - ts[k + 1]) * v
+        images = None
+        if decode:
+            images = self.vae.decode(z / self.scaling_factor + self.shift_factor).clamp(-1.0, 1.0)
+        return images, z
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        steps: int = 20,
+        cfg: float = 4.0,
+        seed: int = 0,
+        noise: Tensor | None = None,
+        size: tuple[int, int] | None = None,
+        shift: float | None = None,
+    ) -> np.ndarray:
+        """Text to image: uint8 (N, H, W, 3). `cfg == 1` runs without guidance.
+
+        The noise comes from `torch.Generator().manual_seed(seed)` (not JAX's generator: pass
+        `noise` (N, C, h, w) to reproduce a JAX sample).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        cfg_m = self.config["model"]
+        f, c = cfg_m["vae"]["downsample_factor"], cfg_m["latent_channels"]
+        size = size or (int(self.config.get("image_size", 64)),) * 2
+        if noise is None:
+            gen = torch.Generator().manual_seed(seed)
+            noise = torch.randn((len(prompts), c, size[0] // f, size[1] // f), generator=gen)
+        text = self.text_encoder.encode(prompts)
+        uncond = None
+        if cfg != 1.0:
+            if self._uncond is None:
+                self._uncond = self.text_encoder.encode([""])
+            uncond = self._uncond
+        shift = float(self.config.get("time_shift", 1.0)) if shift is None else shift
+        images, _ = self.sample(text, uncond, noise, cfg, steps, shift=shift)
+        x = (images.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+class DenoiserStep(nn.Module):
+    """One denoiser evaluation with tensor-only inputs, for ONNX: (v, new plan).
+
+    `has_prev_B` False rows start the plan from p_init (the first sampling step).
+    """
+
+    def __init__(self, denoiser: Denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, z, t, text, text_mask, pooled, prev_plan, has_prev) -> tuple[Tensor, Tensor]:
+        return self.denoiser(z, t, text, text_mask, pooled, prev_plan, has_prev)
+
+
+def load_exported(folder: str | Path, *, text_encoder: bool = True) -> MicroForgeTorch:
+    """Loads an exported folder (`config.json`, `model.safetensors`, `text_encoder/`) for sampling.
+
+    Args:
+      folder: what `python -m microforge_jax.export` wrote.
+      text_encoder: load the Hugging Face text encoder (False: leave `text_encoder` None).
+
+    Returns:
+      MicroForgeTorch in eval mode.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    hf = None
+    if text_encoder and config["model"]["text"]["encoder"] != "simple":
+        hf = HFTextEncoder(folder / config["text_encoder"]["folder"], config["model"]["text"]["max_length"])
+    model = MicroForgeTorch(config, hf)
+    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    return model.eval()

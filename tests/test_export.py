@@ -1,0 +1,497 @@
+"""The PyTorch export: module parity, the chunked scan, strict mapping, round trip, sampler, CLI, ONNX.
+
+Every comparison runs on redrawn parameters (DESIGN §7) of a tiny config and checks the outputs
+have spread first. Tolerances are normwise. The exported folder is loaded in a subprocess where
+jax cannot be imported.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from microforge_jax import cli, sampling
+from microforge_jax.checkpoint import StageCheckpointer, save_run_config
+from microforge_jax.config import ModelConfig, load_config
+from microforge_jax.export import convert
+from microforge_jax.export import torch_model as tm
+from microforge_jax.export.__main__ import export_config
+from microforge_jax.export.__main__ import main as export_main
+from microforge_jax.models import zigzag
+from microforge_jax.models.denoiser import Text, build_denoiser
+from microforge_jax.models.text import SimpleTextEncoder, byte_tokenize
+from microforge_jax.models.vae import build_vae
+
+TINY = [
+    "model.backbone.depth=2",
+    "model.backbone.dim=64",
+    "model.backbone.head_dim=32",
+    "model.backbone.shared_attn_every=1",
+    "model.planner.num_tokens=4",
+    "model.planner.depth=1",
+    "model.latent_channels=4",
+    "model.text.embed_dim=48",
+    "model.vae.channels=(8,16)",
+    "model.vae.downsample_factor=4",
+    "model.vae.scaling_factor=0.5",  # a non-trivial latent normalisation
+    "model.vae.shift_factor=0.2",
+    "model.text.encoder=simple",
+    "model.text.max_length=16",
+    "image_size=16",
+]
+B, H, W, C, K, D, M = 2, 16, 24, 4, 4, 64, 16  # a 4x6 latent grid: non-square, so h/w mix-ups show
+PROMPTS = ["a dot", "a blue star on a green square"]  # padded, and truncated
+ROOT = Path(__file__).resolve().parent.parent
+TOL = 1e-5
+HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+
+
+def t(x) -> torch.Tensor:
+    return torch.from_numpy(np.array(x))
+
+
+def nchw(x) -> torch.Tensor:
+    return t(x).permute(0, 3, 1, 2)
+
+
+def nhwc(x: torch.Tensor) -> np.ndarray:
+    return x.permute(0, 2, 3, 1).detach().numpy()
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_config("nano", TINY)
+
+
+@pytest.fixture(scope="module")
+def cfg(config) -> ModelConfig:
+    return ModelConfig.from_config(config)
+
+
+@pytest.fixture(scope="module")
+def text_module(cfg):
+    return SimpleTextEncoder(embed_dim=cfg.text.embed_dim, num_layers=cfg.text.simple_layers, max_length=M)
+
+
+def abstract_init(init_fn, seed: int, redraw):
+    """Redrawn parameters of the tree `init_fn` would create, from `jax.eval_shape` (no init compile:
+    it costs more than every parity test together on 2 cores). A_log starts from its init, log(1..N)."""
+    import flax.linen as nn
+
+    def start(path, s):
+        if "A_log" in str(getattr(path[-1], "key", path[-1])):
+            return np.broadcast_to(np.log(np.arange(1, s.shape[-1] + 1, dtype=np.float32)), s.shape).copy()
+        return np.zeros(s.shape, s.dtype)
+
+    shapes = nn.unbox(jax.eval_shape(init_fn))["params"]
+    return redraw(jax.tree_util.tree_map_with_path(start, shapes), seed=seed)
+
+
+@pytest.fixture(scope="module")
+def params(cfg, text_module, redraw):
+    """Redrawn JAX parameters: {"vae", "denoiser", "text"} bare trees, as load_run returns them."""
+    z = jnp.zeros((1, H // 4, W // 4, C))
+    t1 = Text(jnp.zeros((1, M, 48)), jnp.ones((1, M), bool), jnp.zeros((1, 48)))
+    den, key = build_denoiser(cfg), jax.random.key(0)
+    ids, mask, _ = byte_tokenize([""], M)
+    return {
+        "denoiser": abstract_init(
+            lambda: den.init(key, z, jnp.ones(1), t1, prev_plan_BxKxD=jnp.zeros((1, K, D))), 1, redraw
+        ),
+        "vae": abstract_init(lambda: build_vae(cfg).init(key, jnp.zeros((1, H, W, 3))), 2, redraw),
+        "text": abstract_init(lambda: text_module.init(key, ids, mask), 3, redraw),
+    }
+
+
+@pytest.fixture(scope="module")
+def model(config, params) -> tm.MicroForgeTorch:
+    m = tm.MicroForgeTorch(export_config(config)).eval()
+    m.load_state_dict(convert.jax_to_torch(params, m), strict=True)
+    return m
+
+
+@pytest.fixture(scope="module")
+def text(text_module, params):
+    """JAX SimpleTextEncoder embeddings of PROMPTS (padded) and of the empty prompt."""
+    enc = jax.jit(lambda ids, mask: text_module.apply({"params": params["text"]}, ids, mask))
+    out = []
+    for prompts in (PROMPTS, [""]):
+        ids, mask, _ = byte_tokenize(prompts, M)
+        out.append(Text(*enc(ids, mask)))
+    return out
+
+
+def spread(x, minimum: float = 1e-2) -> None:
+    x = np.asarray(x)
+    assert np.isfinite(x).all() and x.std() > minimum, f"degenerate output (std {x.std():.2e})"
+
+
+def torch_text(text_: Text) -> tuple[torch.Tensor, ...]:
+    return tuple(t(x) for x in text_)
+
+
+# ----------------------------------------------------------------------------- scan and paths
+
+
+@pytest.mark.parametrize("length,chunk", [(24, 8), (37, 8), (5, 16), (300, 32)])
+def test_chunked_scan_equals_sequential_reference(length, chunk, relerr):
+    g = torch.Generator().manual_seed(length)
+    bt, e, n = 3, 12, 16
+    u = torch.randn(bt, length, e, generator=g)
+    delta = torch.nn.functional.softplus(torch.randn(bt, length, e, generator=g) - 2)  # long and short memory
+    a_log = torch.log(torch.arange(1, n + 1.0)) + 0.3 * torch.randn(bt, e, n, generator=g)
+    b_, c_ = torch.randn(bt, length, n, generator=g), torch.randn(bt, length, n, generator=g)
+    d_ = torch.randn(e, generator=g)
+    y = tm.selective_scan(u, delta, -torch.exp(a_log), b_, c_, d_, chunk=chunk)
+    ref = tm.selective_scan_reference(u, delta, -torch.exp(a_log), b_, c_, d_)
+    spread(ref)
+    err = relerr(y.numpy(), ref.numpy())
+    print(f"scan L={length} chunk={chunk}: {err:.1e}")
+    assert err <= TOL
+
+
+@pytest.mark.parametrize("hw", [(4, 6), (5, 3), (4, 12)])
+def test_zigzag_paths_equal_jax(hw):
+    for layer in range(8):
+        np.testing.assert_array_equal(tm.zigzag_path(*hw, layer).numpy(), zigzag.zigzag_path(*hw, layer))
+
+
+# ----------------------------------------------------------------------------- module parity
+
+
+def test_vae_encode_decode_parity(cfg, params, model, relerr):
+    vae, vv = build_vae(cfg), {"params": params["vae"]}
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1, 1, (B, H, W, 3)).astype(np.float32)
+    z = rng.standard_normal((B, H // 4, W // 4, C)).astype(np.float32)
+    post = jax.jit(lambda x: vae.apply(vv, x, method="encode"))(image)
+    dec = jax.jit(lambda x: vae.apply(vv, x, method="decode"))(z)
+    spread(post.mean), spread(dec)
+    with torch.no_grad():
+        mean, logvar = model.vae.encode(nchw(image))
+        image_t = model.vae.decode(nchw(z))
+    errs = [relerr(nhwc(mean), post.mean), relerr(nhwc(logvar), post.logvar), relerr(nhwc(image_t), dec)]
+    print(f"vae encode mean {errs[0]:.1e} logvar {errs[1]:.1e} decode {errs[2]:.1e}")
+    assert max(errs) <= TOL
+
+
+@pytest.fixture(scope="module")
+def velocity_fn(cfg, params):
+    den = build_denoiser(cfg)
+    return jax.jit(lambda *a: den.apply({"params": params["denoiser"]}, *a, method="velocity"))
+
+
+@pytest.mark.parametrize("task", ["generate", "edit"])
+def test_backbone_velocity_parity(task, velocity_fn, text, model, relerr):
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((B, H // 4, W // 4, C)).astype(np.float32)
+    plan = rng.standard_normal((B, K, D)).astype(np.float32)
+    tt = np.array([0.3, 0.8], np.float32)
+    cond, uncond = text[0], Text(*(jnp.broadcast_to(x, (B, *x.shape[1:])) for x in text[1]))
+    assert not bool(cond.mask.all()), "the prompts must include padding"
+    source = rng.standard_normal(z.shape).astype(np.float32) if task == "edit" else None
+    task_b = np.array([1, 3] if task == "edit" else [0, 2], np.int32)  # different task ids per row
+    v_j = velocity_fn(z, tt, cond, plan, task_b, source)
+    v_u = velocity_fn(z, tt, uncond, plan, task_b, source)
+    spread(v_j)
+    assert relerr(v_u, v_j) > 1e-2  # depends on the text
+    with torch.no_grad():
+        v_t = model.denoiser.backbone(
+            nchw(z), t(tt), *torch_text(cond), t(plan), t(task_b), None if source is None else nchw(source)
+        )
+    err = relerr(nhwc(v_t), v_j)
+    print(f"backbone velocity ({task}): {err:.1e}")
+    assert err <= TOL
+
+
+# One compile for several ablations (A1 no planner, A2 attention mixer, A6 full adaLN, no positions,
+# no SharedMQA application); A4 (no depthwise conv) is the BiSSM with `u = x`, not compiled here.
+ABLATIONS = {
+    "A1 A2 A6": [
+        "model.backbone.use_planner=false",
+        "model.backbone.mixer=attention",
+        "model.backbone.adaln=full",
+        "model.backbone.pos_embed=none",
+        "model.backbone.shared_attn_every=3",  # depth 2 < 3: the shared block is never applied
+    ],
+}
+
+
+@pytest.mark.parametrize("ablation", list(ABLATIONS))
+def test_ablated_denoisers_match(ablation, redraw, text, relerr):
+    cfg = ModelConfig.from_config(load_config("nano", TINY + ABLATIONS[ablation]))
+    den = build_denoiser(cfg)
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((B, H // 4, W // 4, C)).astype(np.float32)
+    tt = np.array([0.3, 0.8], np.float32)
+    dparams = abstract_init(
+        lambda: den.init(jax.random.key(0), z, tt, text[0], prev_plan_BxKxD=jnp.zeros((B, K, D))), 4, redraw
+    )
+    v_j, plan_j = jax.jit(lambda p: den.apply({"params": p}, z, tt, text[0]))(dparams)
+    spread(v_j)
+    m = tm.Denoiser(dataclasses.asdict(cfg)).eval()
+    state = convert.jax_to_torch({"d": dparams}, torch.nn.ModuleDict({"d": m}))
+    m.load_state_dict({k.removeprefix("d."): v for k, v in state.items()}, strict=True)
+    with torch.no_grad():
+        v_t, plan_t = m(nchw(z), t(tt), *torch_text(text[0]))
+    assert (plan_t is None) == (plan_j is None)
+    err = relerr(nhwc(v_t), v_j)
+    print(f"denoiser velocity ({ablation}): {err:.1e}")
+    assert err <= TOL
+
+
+def test_planner_parity_with_and_without_previous_plan(cfg, params, text, model, relerr):
+    den = build_denoiser(cfg)
+    plan_fn = jax.jit(lambda *a: den.apply({"params": params["denoiser"]}, *a, method="plan"))
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((B, H // 4, W // 4, C)).astype(np.float32)
+    prev = rng.standard_normal((B, K, D)).astype(np.float32)
+    tt = np.array([0.9, 0.4], np.float32)
+    cases = {"first step": (None, None), "carried": (prev, None), "has_prev mix": (prev, np.array([True, False]))}
+    outs = {}
+    for name, (p, has) in cases.items():
+        p_j = plan_fn(z, tt, text[0], p, has)
+        spread(p_j)
+        with torch.no_grad():
+            p_t = model.denoiser.planner(
+                nchw(z), t(tt), t(text[0].pooled), None if p is None else t(p), None if has is None else t(has)
+            )
+        outs[name] = np.asarray(p_j)
+        err = relerr(p_t.numpy(), p_j)
+        print(f"planner ({name}): {err:.1e}")
+        assert err <= TOL
+    assert relerr(outs["carried"], outs["first step"]) > 1e-3  # the carry matters
+    np.testing.assert_allclose(outs["has_prev mix"][1], outs["first step"][1], rtol=1e-5, atol=1e-6)
+
+
+def test_simple_text_encoder_parity(text, model, relerr):
+    ids_j, mask_j, _ = byte_tokenize(PROMPTS + ["é" * 9], M)
+    ids_t, mask_t = tm.byte_tokenize(PROMPTS + ["é" * 9], M)
+    np.testing.assert_array_equal(ids_t.numpy(), ids_j)
+    np.testing.assert_array_equal(mask_t.numpy(), mask_j)
+    with torch.no_grad():
+        tokens, mask, pooled = model.text.encode(PROMPTS)
+    spread(text[0].tokens), spread(text[0].pooled)
+    errs = relerr(tokens.numpy(), text[0].tokens), relerr(pooled.numpy(), text[0].pooled)
+    print(f"SimpleTextEncoder tokens {errs[0]:.1e} pooled {errs[1]:.1e}")
+    assert max(errs) <= TOL and np.array_equal(mask.numpy(), np.asarray(text[0].mask))
+
+
+# ----------------------------------------------------------------------------- mapping
+
+
+def test_strict_mapping_names_missing_extra_and_misshaped(params, model):
+    def with_backbone(backbone):
+        return {**params, "denoiser": {**params["denoiser"], "backbone": backbone}}
+
+    backbone = dict(params["denoiser"]["backbone"])
+    del backbone["task_embed"]
+    with pytest.raises(convert.ConversionError, match="missing from the JAX parameters: denoiser/backbone/task_embed"):
+        convert.jax_to_torch(with_backbone(backbone), model)
+    backbone = {**params["denoiser"]["backbone"], "extra_gate": jnp.zeros(3)}
+    with pytest.raises(convert.ConversionError, match="no torch counterpart: denoiser/backbone/extra_gate"):
+        convert.jax_to_torch(with_backbone(backbone), model)
+    backbone = {**params["denoiser"]["backbone"], "segment_embed": jnp.zeros((3, D))}
+    with pytest.raises(convert.ConversionError, match="denoiser/backbone/segment_embed"):
+        convert.jax_to_torch(with_backbone(backbone), model)
+    with pytest.raises(convert.ConversionError, match="missing from the JAX parameters: text/"):
+        convert.jax_to_torch({k: v for k, v in params.items() if k != "text"}, model)
+    state = dict(model.state_dict())
+    state.pop("vae.decoder.conv_out.weight")
+    state["vae.decoder.extra"] = torch.zeros(1)
+    with pytest.raises(convert.ConversionError, match=r"vae\.decoder\.conv_out\.weight.*vae\.decoder\.extra"):
+        convert.torch_to_jax(state, model)
+
+
+def test_round_trip_through_safetensors_is_exact(params, model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_file(convert.jax_to_torch(params, model), str(tmp_path / "model.safetensors"))
+    back = convert.torch_to_jax(load_file(str(tmp_path / "model.safetensors")), model)
+    flat, flat_back = convert.flatten(params), convert.flatten(back)
+    assert set(flat) == set(flat_back) and len(flat) == len(model.state_dict())
+    for name, value in flat.items():
+        assert flat_back[name].dtype == value.dtype and np.array_equal(flat_back[name], value), name
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
+def test_torch_sampler_matches_jax_sampler(cfg, params, text, model):
+    cond, uncond = text
+    noise = sampling.initial_noise(0, B, (H // 4, W // 4), C)
+    jax_out = sampling.make_sampler(cfg, 4)(params, cond, uncond, noise, 3.0)
+    images_j = np.asarray(jax_out.images_BxHxWx3)
+    spread(images_j, 0.05)
+    images_t, _ = model.sample(torch_text(cond), torch_text(uncond), nchw(noise), 3.0, 4)
+    images_u, _ = model.sample(torch_text(uncond), torch_text(uncond), nchw(noise), 3.0, 4)
+    assert np.abs(nhwc(images_u) - nhwc(images_t)).mean() > 1e-2  # the prompt matters
+    mse = np.mean((nhwc(images_t).astype(np.float64) - images_j) ** 2)
+    psnr = 10 * np.log10(4.0 / max(mse, 1e-20))  # images span [-1, 1]: peak-to-peak 2
+    print(f"sampler PSNR torch vs jax: {psnr:.1f} dB")
+    assert psnr >= 40
+
+
+def test_hf_text_encoder_matches_jax_minilm(relerr):
+    from microforge_jax.config import TextConfig
+    from microforge_jax.text import builtin_minilm_folder, load_text_encoder
+
+    prompts = ["a red circle above a blue square", ""]
+    jax_enc = load_text_encoder(
+        TextConfig(encoder="minilm", path="", embed_dim=384, max_length=16, simple_layers=2)
+    ).encode(prompts)
+    with torch.no_grad():
+        tokens, mask, pooled = tm.HFTextEncoder(builtin_minilm_folder(), 16).encode(prompts)
+    np.testing.assert_array_equal(mask.numpy(), np.asarray(jax_enc.mask_BxM))
+    errs = relerr(tokens.numpy(), jax_enc.tokens_BxMxD), relerr(pooled.numpy(), jax_enc.pooled_BxD)
+    print(f"MiniLM via transformers vs JAX: tokens {errs[0]:.1e} pooled {errs[1]:.1e}")
+    assert max(errs) <= 1e-4
+
+
+# ----------------------------------------------------------------------------- CLI, fresh process, ONNX
+
+
+def write_run(workdir: Path, config, params: dict) -> None:
+    """A real run folder: config.json + Orbax "vae" and "flow" checkpoints (as test_sampling does)."""
+    save_run_config(workdir, config)
+    flow = {k: v for k, v in params.items() if k != "vae"}
+    for stage, ema in (("vae", params["vae"]), ("flow", flow)):
+        with StageCheckpointer(workdir, stage) as ckpt:
+            ckpt.save(1, {"step": jnp.int32(1), "params": ema, "ema_params": ema, "opt_state": jnp.zeros(())})
+            ckpt.wait_until_finished()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, config, params):
+    """Two exports through the CLI: the simple-encoder run with ONNX + INT8, and a MiniLM run."""
+    root = tmp_path_factory.mktemp("export")
+    write_run(root / "run", config, params)
+    onnx = ["--onnx", "--int8"] if HAVE_ONNX else []  # without them the ONNX test skips, the rest runs
+    assert cli.run(export_main, ["--workdir", str(root / "run"), "--out", str(root / "out"), *onnx]) == 0
+    # The MiniLM run (text width 384): parameters drawn in torch and mapped back, no JAX init needed.
+    mini = load_config("nano", [o for o in TINY if not o.startswith("model.text")] + ["model.text.max_length=16"])
+    mini_model = tm.MicroForgeTorch(export_config(mini))
+    mini_params = convert.torch_to_jax(mini_model.state_dict(), mini_model)
+    write_run(root / "mini_run", mini, {"vae": mini_params["vae"], "denoiser": mini_params["denoiser"]})
+    assert cli.run(export_main, ["--workdir", str(root / "mini_run"), "--out", str(root / "mini")]) == 0
+    return root
+
+
+def test_cli_writes_the_folder(exported, model):
+    out = exported / "out"
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md"} <= names and "text_encoder" not in names
+    assert ("onnx" in names) == HAVE_ONNX
+    exported_cfg = json.loads((out / "config.json").read_text())
+    assert exported_cfg["latent"] == {"scaling_factor": 0.5, "shift_factor": 0.2}
+    assert exported_cfg["text_encoder"]["encoder"] == "simple"
+    from safetensors.torch import load_file
+
+    state = load_file(str(out / "model.safetensors"))
+    assert set(state) == set(model.state_dict()) and any(k.startswith("text.") for k in state)
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v), k
+    mini = exported / "mini"
+    assert (mini / "text_encoder" / "tokenizer.json").is_file() and (mini / "text_encoder" / "config.json").is_file()
+    assert "load_exported" in (mini / "README.md").read_text()
+
+
+@pytest.mark.parametrize("case", ["missing workdir", "out not empty"])
+def test_cli_bad_input_is_one_line_exit_2(exported, tmp_path, capsys, case):
+    out = tmp_path / "out"
+    workdir = exported / "run"
+    if case == "missing workdir":
+        workdir = tmp_path / "nope"
+    else:
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    assert cli.run(export_main, ["--workdir", str(workdir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1
+    assert ("does not exist" if case == "missing workdir" else "--force") in err
+    if case == "out not empty":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+BLOCK_JAX = """
+import sys
+
+class _NoJax:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("jax", "jaxlib", "flax"):
+            raise ImportError(f"{name} is blocked: this process must run without JAX")
+        return None
+
+sys.meta_path.insert(0, _NoJax())
+"""
+
+
+def test_exported_folder_samples_in_a_process_without_jax(exported, model, text, tmp_path, relerr):
+    cond, uncond = text
+    noise = np.random.default_rng(5).standard_normal((B, C, H // 4, W // 4)).astype(np.float32)
+    arrays = {f"arr_{i}": np.asarray(x) for i, x in enumerate((*cond, *uncond))}
+    np.savez(tmp_path / "inputs.npz", noise=noise, **arrays)
+    script = BLOCK_JAX + textwrap.dedent(f"""
+        import numpy as np, torch
+        from microforge_jax.export import convert  # noqa: F401 (must import without JAX too)
+        from microforge_jax.export.torch_model import load_exported
+        try:
+            import jax
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("jax is importable")
+        model = load_exported({str(exported / "out")!r})
+        x = np.load({str(tmp_path / "inputs.npz")!r})
+        arr = [torch.from_numpy(x[f"arr_{{i}}"]) for i in range(6)]
+        images, _ = model.sample(tuple(arr[:3]), tuple(arr[3:]), torch.from_numpy(x["noise"]), 3.0, 3)
+        gen = model.generate(["a red circle"], steps=2, cfg=3.0, seed=0)
+        assert gen.shape == (1, 16, 16, 3) and gen.dtype == np.uint8 and gen.std() > 1, gen.std()
+        mini = load_exported({str(exported / "mini")!r})
+        gen = mini.generate(["a red circle", "a star"], steps=2, cfg=3.0, seed=0)
+        assert gen.shape == (2, 16, 16, 3), gen.shape
+        np.save({str(tmp_path / "images.npy")!r}, images.numpy())
+        assert not [m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "flax")]
+        print("ok")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    ref, _ = model.sample(torch_text(cond), torch_text(uncond), torch.from_numpy(noise), 3.0, 3)
+    spread(ref, 0.05)
+    assert relerr(np.load(tmp_path / "images.npy"), ref.numpy()) <= 1e-6
+
+
+def test_onnx_graphs_match_torch(exported, model, relerr):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from microforge_jax.export.onnx_export import example_inputs, run_onnx
+
+    onnx_dir = exported / "out" / "onnx"
+    report = json.loads((onnx_dir / "report.json").read_text())
+    feeds = example_inputs(model, 2, (4, 4), seed=7)  # inputs the exporter never saw
+    names = ["z", "t", "text", "text_mask", "pooled", "prev_plan", "has_prev"]
+    with torch.no_grad():
+        v, plan = tm.DenoiserStep(model.denoiser)(*(feeds[n] for n in names))
+        image = model.vae.decoder(feeds["z"][:1])
+    spread(v), spread(image)
+    got_v, got_plan = run_onnx(onnx_dir / "denoiser_step.onnx", feeds)
+    (got_image,) = run_onnx(onnx_dir / "vae_decoder.onnx", {"latent": feeds["z"][:1]})
+    errs = {"velocity": relerr(got_v, v.numpy()), "plan": relerr(got_plan, plan.numpy())}
+    errs["image"] = relerr(got_image, image.numpy())
+    print(f"onnxruntime vs torch: {errs}")
+    print(f"report: {json.dumps(report)}")
+    assert max(errs.values()) <= 1e-3
+    for key in ("denoiser_step", "vae_decoder"):
+        q = report[key]["int8"]
+        assert (onnx_dir / q["file"]).is_file() and q["bytes"] < report[key]["bytes"]

@@ -4,6 +4,7 @@
     python sample.py --task edit --source in.png --prompt "make the circle blue"
     python sample.py --task inpaint --source in.png --mask hole.png --prompt "a red circle at the top"
     python sample.py --task sr --source low.png --size 64x64 --prompt "a red circle"
+    python sample.py --steps 2 --prompt "a red circle"   # a consistency-distilled run: 2-step sampling
 
 Writes one PNG per image and grid.png to --out, and prints the time per image (compile apart).
 """
@@ -21,7 +22,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     p.add_argument("--num", type=int, default=1, help="images per prompt")
-    p.add_argument("--steps", type=int, default=20, help="Euler steps")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument(
+        "--sampler",
+        choices=("euler", "consistency"),
+        default=None,
+        help="step rule (default: consistency when the run has a consistency stage and --steps <= 4, else euler)",
+    )
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--size", default=None, help="HxW in pixels (default: the run's image_size)")
@@ -48,6 +55,7 @@ def main(argv: list[str]) -> int:
         mask=args.mask,
         out=args.out,
         shift=args.shift,
+        sampler=args.sampler,
     )
     return 0
 

@@ -3,6 +3,7 @@
 Runs the config's stages in order (vae, flow, edit); each resumes from its checkpoints in the
 work directory, so running the same command again resumes (or says the run is finished).
 Overrides are typed by the config's declared values, e.g. `train.flow.steps=2000`.
+Own data: `data.source=folder data.path=DIR`; fine-tuning: `--init_from runs/nano` (another run).
 Several hosts: pass --coordinator, --num-processes and --process-id (jax.distributed).
 """
 
@@ -20,8 +21,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--coordinator", default=None, help="host:port of process 0, for multi-host training")
     parser.add_argument("--num-processes", type=int, default=None)
     parser.add_argument("--process-id", type=int, default=None)
+    parser.add_argument(
+        "--init_from", default=None, help="another run's directory: start the flow/edit stages from its EMA weights"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, key.path=value")
     args = parser.parse_args(argv)
+    if args.init_from:  # the same as the override init_from=DIR, so config.json records it
+        args.overrides.append(f"init_from={args.init_from}")
 
     from microforge_jax import train_lib  # noqa: PLC0415 (flags first: --help stays fast)
 

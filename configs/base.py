@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     b.use_shared_attn = True  # A3: False removes the SharedMQA block
     b.use_dwconv = True  # A4: False removes the depthwise conv in the BiSSM
     b.adaln = "group"  # A6: "full" gives every block its own modulation MLP
+    b.remat = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
 
     m.planner = p = ml_collections.ConfigDict()
     p.num_tokens = 32  # K plan tokens of the backbone's width
@@ -66,16 +67,20 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ----------------------------------------------------------------------------- data
     c.data = d = ml_collections.ConfigDict()
-    d.source = "shapes"  # the built-in procedural world (microforge_jax.data.shapes)
+    d.source = "shapes"  # "shapes" (the built-in procedural world) or "folder" (images + captions at data.path)
+    d.path = ""  # the folder: images + metadata.jsonl (file_name, text) or a <image>.txt caption each
     d.seed = 0  # which scenes exist (the world's seed), independent of the shuffle seed
     d.worker_count = 0  # Grain worker processes (0: read in the training process)
 
     # ----------------------------------------------------------------------------- training
     # The stages run in order; each resumes from its own checkpoints in the work directory.
-    c.stages = ("vae", "flow", "edit")
+    c.stages = ("vae", "flow", "edit")  # with data.source="folder" the edit stage is skipped (no edit pairs)
+    c.init_from = ""  # another run: flow/edit start from its denoiser EMA (and, with no "vae" stage, use its VAE)
     c.log_every = 50  # steps between metric lines (metrics.jsonl, TensorBoard, progress bar)
     c.checkpoint_every = 1000  # steps between checkpoints (and one at the end of each stage)
-    c.sample_every = 0  # steps between sample grids written to samples/ (0: only at the end)
+    c.eval_every = 0  # steps between validation losses (val/loss, val/loss_t0.5, ...); 0: only at the end
+    c.eval_batches = 2  # held-out batches (fixed noise, t in 0.1 ... 0.9) in each validation loss
+    c.sample_every = 0  # steps between sample grids written to samples/<stage>_<step>.png (0: only at the end)
     c.sample_steps = 16  # Euler steps of those grids
     c.sample_cfg = 3.0  # guidance scale of those grids
 
@@ -83,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
     tr.vae = v = ml_collections.ConfigDict()
     v.steps = 50_000
     v.batch_size = 32  # global batch, split over processes and the mesh's batch axes
+    v.grad_accum = 1  # micro-batches per step (gradients summed in the step): same update, 1/n activation memory
     v.lr = 1e-4
     v.warmup_steps = 1000
     v.weight_decay = 0.0
@@ -101,6 +107,7 @@ def get_config() -> ml_collections.ConfigDict:
     tr.flow = f = ml_collections.ConfigDict()
     f.steps = 100_000
     f.batch_size = 32
+    f.grad_accum = 1  # micro-batches per step; batch_size must split into them
     f.lr = 1e-4
     f.warmup_steps = 1000
     f.weight_decay = 0.01
@@ -118,6 +125,7 @@ def get_config() -> ml_collections.ConfigDict:
     tr.edit = e = ml_collections.ConfigDict()
     e.steps = 20_000
     e.batch_size = 32
+    e.grad_accum = 1  # micro-batches per step
     e.lr = 1e-5  # all parameters at a low learning rate (seed section 7)
     e.warmup_steps = 500
     e.weight_decay = 0.01
@@ -132,6 +140,50 @@ def get_config() -> ml_collections.ConfigDict:
     e.self_cond_prob = 0.5
     e.text_cache = True
     e.task_weights = (1.0, 1.0, 1.0)  # edit, inpaint, sr
+
+    # Stage 4 (opt-in: add "distill" to `stages`): text -> image flow training plus a distillation
+    # term, L_flow + weight * w(t) * ||v_student - v_teacher||^2 (microforge_jax/distill.py).
+    tr.distill = ds = ml_collections.ConfigDict()
+    ds.teacher = ""  # another run's directory (a larger backbone, same VAE + text encoder); "": this run's own EMA
+    ds.weight = 1.0  # lambda of the distillation term (0: plain flow training)
+    ds.steps = 10_000
+    ds.batch_size = 32
+    ds.grad_accum = 1  # micro-batches per step
+    ds.lr = 2e-5  # the student starts from this run's flow/edit weights (when it has them)
+    ds.warmup_steps = 500
+    ds.weight_decay = 0.01
+    ds.grad_clip = 2.0
+    ds.ssm_lr_mult = 0.5
+    ds.ema_decay = 0.999
+    ds.time_sampling = "logit_normal"
+    ds.time_mean = 0.0
+    ds.time_std = 1.0
+    ds.time_shift = 1.0
+    ds.caption_dropout = 0.1  # the teacher sees the same (dropped) caption as the student
+    ds.self_cond_prob = 0.5
+    ds.text_cache = True
+
+    # Stage 6 (opt-in: add "consistency" to `stages`): few-step (consistency) distillation,
+    # ||f_theta(z_t, t) - sg f_ema(z_t', t')||^2 with f(z, t) = z - t v and z_t' one Euler step of the
+    # frozen teacher from t to t'; sampled with `sample.py --steps 1|2|4 --sampler consistency`.
+    tr.consistency = cs = ml_collections.ConfigDict()
+    cs.teacher = ""  # another run's directory; "": this run's latest distill/edit/flow EMA, frozen
+    cs.num_scales = 16  # N: t = n/N (shifted), t' = (n-1)/N; a multiple of 4 puts 1/2/4-step samplers on the grid
+    cs.teacher_cfg = 1.0  # guidance of the teacher's ODE step (guided distillation: then sample with --cfg 1); 1: off
+    cs.steps = 5_000
+    cs.batch_size = 32
+    cs.grad_accum = 1  # micro-batches per step
+    cs.lr = 1e-5
+    cs.warmup_steps = 200
+    cs.weight_decay = 0.01
+    cs.grad_clip = 2.0
+    cs.ssm_lr_mult = 0.5
+    cs.ema_decay = 0.995  # the EMA is both the target theta- and the weights sampling uses
+    cs.time_shift = 1.0  # shift of the t grid (training and the few-step sampler's default)
+    cs.caption_dropout = 0.1  # also learns the unconditional consistency function (for guidance)
+    cs.self_cond_prob = 0.5
+    cs.text_cache = True
+    cs.sample_steps = 2  # consistency-sampler steps of the stage's sample grids
 
     # ----------------------------------------------------------------------------- scale-out
     c.sharding = s = ml_collections.ConfigDict()

@@ -6,7 +6,7 @@ A run lives in one work directory::
       config.json                 the full config it ran with (ConfigDict.to_json), incl. the VAE
                                   latent scale/shift once measured; written atomically
       checkpoints/<stage>/<step>/ one Orbax CheckpointManager per stage ("vae", "flow", "edit",
-        state/                    "distill"); each step holds the train state ("state", a
+        state/                    "distill", "consistency"); each step holds the train state ("state", a
         data/                     StandardSave pytree) and, when given, the Grain iterator state
                                   ("data": process_<i>-of-<n>.json, one file per process)
       metrics.jsonl, TensorBoard events, samples/   (written by the trainer, not here)
@@ -19,16 +19,17 @@ The train state of every stage is a dict with at least these keys::
 
   - stage "vae": `ema_params` is the VAE's parameter tree itself (what `VAE.apply` takes as
     `{"params": ...}`).
-  - stages "flow", "edit" (and later "distill"): `ema_params` is a dict of named model trees,
-    e.g. `{"denoiser": ..., "text": ...}` (the flow stage may train a SimpleTextEncoder jointly;
-    a stage that trains only the denoiser saves `{"denoiser": ...}`).
+  - stages "flow", "edit", "distill", "consistency" (DENOISER_STAGES): `ema_params` is a dict
+    of named model trees, e.g. `{"denoiser": ..., "text": ...}` (the flow stage may train a
+    SimpleTextEncoder jointly; a stage that trains only the denoiser saves `{"denoiser": ...}`).
 
 `load_run(workdir) -> (config, params)` returns `params = {"vae": ..., "denoiser": ..., "text": ...}`
 (a key is absent when no stage saved it): "vae" from the "vae" stage; the named trees of the
-denoising stages merged in the order flow -> edit, so the latest stage in the curriculum that
-saved a name wins ("edit" overrides "flow"'s "denoiser"; "text" stays "flow"'s if "edit" does not
-train it). Only `ema_params` is read (a partial restore: the optimizer state is never loaded), onto
-one local device whatever mesh the checkpoint was written on.
+denoising stages merged in the order flow -> edit -> distill -> consistency, so the latest stage in
+the curriculum that saved a name wins ("edit" overrides "flow"'s "denoiser", a consistency-distilled
+"denoiser" overrides them all; "text" stays "flow"'s if no later stage trains it). Only
+`ema_params` is read (a partial restore: the optimizer state is never loaded), onto one local
+device whatever mesh the checkpoint was written on.
 
 Nothing here pickles: Orbax for arrays, JSON for the config and the iterator state.
 """
@@ -51,9 +52,11 @@ import orbax.checkpoint as ocp
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
-STAGES: tuple[str, ...] = ("vae", "flow", "edit", "distill")
-# Stages whose `ema_params` is a dict of named model trees, merged into `params` in this order.
-DENOISER_STAGES: tuple[str, ...] = ("flow", "edit")
+# The order is also the trainer's rng stream per stage (`fold_in(seed, index)`): append, never reorder.
+STAGES: tuple[str, ...] = ("vae", "flow", "edit", "distill", "consistency")
+# Stages whose `ema_params` is a dict of named model trees, merged into `params` in this order
+# (the latest distilled weights win); also where `init_from` looks for a denoiser.
+DENOISER_STAGES: tuple[str, ...] = ("flow", "edit", "distill", "consistency")
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 # Model keys measured by training and written back into config.json: a resumed run's requested

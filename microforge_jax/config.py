@@ -176,6 +176,7 @@ class BackboneConfig:
     adaln: str
     latent_channels: int
     text_dim: int
+    remat: bool = False  # recompute each block's activations in the backward pass (memory, not math)
 
     @property
     def num_heads(self) -> int:

@@ -2,6 +2,7 @@
 
     pipe = MicroForgePipeline.from_run("runs/nano")
     images = pipe.generate(["a red circle"], steps=20, cfg=4.0, seed=0, size=(64, 64))  # uint8 (N, H, W, 3)
+    fast = pipe.generate(["a red circle"], steps=2)  # a consistency-distilled run: the consistency sampler
     edited = pipe.edit(images[0], "make it blue")
     filled = pipe.inpaint(images[0], hole_mask, "a red circle")
     big = pipe.super_resolve(low_res, "a red circle", size=(64, 64))
@@ -26,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from microforge_jax import sampling
-from microforge_jax.checkpoint import load_run
+from microforge_jax.checkpoint import latest_steps, load_run
 from microforge_jax.config import ModelConfig
 from microforge_jax.models.denoiser import Text, task_id
 
@@ -38,6 +39,7 @@ class SampleError(ValueError):
 DEFAULT_STEPS = 20
 DEFAULT_CFG = 4.0
 DEFAULT_SR_FACTOR = 4  # the shapes dataset's default `sr_factor`
+MAX_CONSISTENCY_STEPS = 4  # a consistency-distilled run samples with the consistency rule up to this many steps
 
 
 def _as_images(images: Any, what: str) -> np.ndarray:
@@ -69,7 +71,10 @@ class MicroForgePipeline:
       model_cfg: its `ModelConfig`.
       params: `{"vae": ..., "denoiser": ...}` (EMA parameter trees).
       text_encoder: anything with `encode(prompts) -> TextEmbeddings` (the run's encoder).
+      consistency: the parameters are a consistency-distilled model (the run has a "consistency"
+        checkpoint): `sampler=None` then means the consistency sampler for steps <= 4.
       last_timing: `{"compile_s", "sample_s", "per_image_s", "images"}` of the latest call.
+      last_sampler: the step rule of the latest call ("euler" or "consistency").
     """
 
     def __init__(
@@ -79,8 +84,10 @@ class MicroForgePipeline:
         text_encoder: Any,
         *,
         batch_sharding: jax.sharding.NamedSharding | None = None,
+        consistency: bool = False,
     ):
         self.config = config
+        self.consistency = consistency
         self.model_cfg = ModelConfig.from_config(config)
         missing = [k for k in ("vae", "denoiser") if k not in params]
         if missing:
@@ -91,6 +98,7 @@ class MicroForgePipeline:
         self.text_encoder = text_encoder
         self.batch_sharding = batch_sharding
         self.last_timing: dict[str, float] = {}
+        self.last_sampler = ""
         self._compiled: dict[tuple, Callable] = {}
         self._uncond: Text | None = None
 
@@ -123,7 +131,7 @@ class MicroForgePipeline:
                 f"run {workdir}: the text encoder gives width {encoder.embed_dim} but the backbone expects "
                 f"{model_cfg.backbone.text_dim} (model.text.embed_dim)"
             )
-        return cls(config, params, encoder)
+        return cls(config, params, encoder, consistency="consistency" in latest_steps(workdir))
 
     # ------------------------------------------------------------------------- the four tasks
 
@@ -137,6 +145,7 @@ class MicroForgePipeline:
         size: tuple[int, int] | None = None,
         num: int = 1,
         shift: float | None = None,
+        sampler: str | None = None,
     ) -> np.ndarray:
         """Text to image.
 
@@ -148,12 +157,14 @@ class MicroForgePipeline:
           size: (H, W), multiples of the VAE factor; default the run's `image_size`.
           num: images per prompt.
           shift: time-grid shift; default the run's training `time_shift` for the task's stage.
+          sampler: "euler" or "consistency" (denoise to x0, re-noise with fresh noise from `seed`);
+            None: consistency for a consistency-distilled run at steps <= 4, else Euler.
 
         Returns:
           uint8 (len(prompts) * num, H, W, 3), prompt-major.
         """
         size = size or (int(self.config.get("image_size", 64)),) * 2
-        return self._sample("generate", prompts, None, steps, cfg, seed, size, num, shift)
+        return self._sample("generate", prompts, None, steps, cfg, seed, size, num, shift, sampler)
 
     def edit(self, source_image: Any, prompts: str | Sequence[str], **kw: Any) -> np.ndarray:
         """Edits `source_image` (uint8 (H, W, 3) or one per prompt) by an instruction; output at its size.
@@ -201,9 +212,19 @@ class MicroForgePipeline:
                 f"multiples of {f} (the VAE's compression factor)"
             )
 
-    def default_shift(self, task: str) -> float:
-        """The time shift the task's stage trained with (`train.flow` / `train.edit` `.time_shift`), else 1."""
+    def resolve_sampler(self, sampler: str | None, steps: int) -> str:
+        """The step rule to use: `sampler`, or by default consistency for a consistency run at steps <= 4."""
+        if sampler is None:
+            return "consistency" if self.consistency and steps <= MAX_CONSISTENCY_STEPS else "euler"
+        if sampler not in sampling.SAMPLERS:
+            raise SampleError(f"unknown sampler {sampler!r}; samplers are {', '.join(sampling.SAMPLERS)}")
+        return sampler
+
+    def default_shift(self, task: str, sampler: str = "euler") -> float:
+        """The time shift the stage trained with (`train.flow` / `train.edit` / `train.consistency`), else 1."""
         stage = "flow" if task == "generate" else "edit"
+        if sampler == "consistency" and "consistency" in self.config.get("train", {}):
+            stage = "consistency"
         try:
             return float(self.config.train[stage].time_shift)
         except (AttributeError, KeyError, TypeError):
@@ -224,11 +245,14 @@ class MicroForgePipeline:
         size: tuple[int, int] = (64, 64),
         num: int = 1,
         shift: float | None = None,
+        sampler: str | None = None,
     ) -> np.ndarray:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise SampleError("give at least one prompt")
         check_settings(steps, cfg, num)
+        sampler = self.resolve_sampler(sampler, steps)
+        step_fn, stochastic = sampling.step_rule(sampler)
         size = (int(size[0]), int(size[1]))
         self.check_size(size)
         if source is not None and len(source) not in (1, len(prompts)):
@@ -236,7 +260,7 @@ class MicroForgePipeline:
         prompts = [p for p in prompts for _ in range(num)]
         b, f, c = len(prompts), self.model_cfg.vae.downsample_factor, self.model_cfg.latent_channels
         guided = cfg != 1.0
-        shift = self.default_shift(task) if shift is None else float(shift)
+        shift = self.default_shift(task, sampler) if shift is None else float(shift)
         if not math.isfinite(shift) or shift <= 0:
             raise SampleError(f"the time shift must be > 0, got {shift}")
         text = self.encode(prompts)
@@ -253,7 +277,10 @@ class MicroForgePipeline:
         if self.batch_sharding is not None:  # the batch-led inputs; the 1-row empty prompt stays replicated
             for i in [1, 3] + ([5] if source is not None else []):
                 args[i] = jax.device_put(args[i], self.batch_sharding)
-        key = (source is not None, steps, guided, shift, b, size, text.tokens.shape)
+        if stochastic:  # the per-step noise: from the seed, apart from the initial noise's stream
+            args += [None, jnp.int32(0)] if source is None else []
+            args.append(jax.random.fold_in(jax.random.key(seed), 1))
+        key = (source is not None, steps, guided, shift, b, size, text.tokens.shape, sampler)
         t0 = time.perf_counter()
         if key not in self._compiled:
             fn = sampling.make_sampler(
@@ -263,12 +290,15 @@ class MicroForgePipeline:
                 shift=shift,
                 with_source=source is not None,
                 batch_sharding=self.batch_sharding,
+                step_fn=step_fn,
+                stochastic=stochastic,
             )
             self._compiled[key] = fn.lower(*args).compile()
         t1 = time.perf_counter()
         images = np.asarray(jax.block_until_ready(self._compiled[key](*args).images_BxHxWx3))
         t2 = time.perf_counter()
         self.last_timing = {"compile_s": t1 - t0, "sample_s": t2 - t1, "per_image_s": (t2 - t1) / b, "images": b}
+        self.last_sampler = sampler
         return sampling.to_uint8(images)
 
 
@@ -325,6 +355,7 @@ def sample_to_folder(
     mask: str | None = None,
     out: str = "samples",
     shift: float | None = None,
+    sampler: str | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
     """What `sample.py` does: validate everything, load the run, sample, then write PNGs + a grid.
@@ -346,6 +377,8 @@ def sample_to_folder(
     check_settings(steps, cfg, num)
     if shift is not None and (not math.isfinite(shift) or shift <= 0):
         raise SampleError(f"--shift must be > 0, got {shift}")
+    if sampler is not None and sampler not in sampling.SAMPLERS:
+        raise SampleError(f"unknown sampler {sampler!r}; samplers are {', '.join(sampling.SAMPLERS)}")
     if task not in sampling.TASKS:
         raise SampleError(f"unknown task {task!r}; tasks are {', '.join(sampling.TASKS)}")
     if (source is not None) != (task in sampling.SOURCE_TASKS):
@@ -367,7 +400,7 @@ def sample_to_folder(
         raise SampleError(f"--out {out} exists and is not a folder")
 
     pipe = MicroForgePipeline.from_run(workdir)
-    kw = dict(steps=steps, cfg=cfg, seed=seed, num=num, shift=shift)
+    kw = dict(steps=steps, cfg=cfg, seed=seed, num=num, shift=shift, sampler=sampler)
     if task == "generate":
         images = pipe.generate(prompts, size=size_hw, **kw)
     elif task == "edit":
@@ -378,7 +411,8 @@ def sample_to_folder(
         images = pipe.super_resolve(src_img, prompts, size=size_hw, **kw)
     t = pipe.last_timing
     log(
-        f"{len(images)} images of {images.shape[1]}x{images.shape[2]} ({task}, {steps} steps, cfg {cfg}): "
+        f"{len(images)} images of {images.shape[1]}x{images.shape[2]} ({task}, {steps} {pipe.last_sampler} steps, "
+        f"cfg {cfg}): "
         f"{t['per_image_s']:.3f} s per image ({t['sample_s']:.2f} s in all), compile {t['compile_s']:.1f} s apart"
     )
 

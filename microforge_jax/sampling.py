@@ -11,9 +11,12 @@ the steps -> VAE decode. The scan carry is `(z_BxhxwxC, plan_NxKxD)`:
   At step 0 there is no previous plan (`has_prev_B` False: the planner starts from `p_init`);
   from step 1 on it starts from the gated mix of the previous step's output and `p_init`.
 
-The step rule is pluggable, `step_fn(z, v, t, t_next) -> z_next` (`flow.euler_step` by default),
-so a few-step consistency sampler can reuse the loop. Edit / inpaint / SR share one compiled
-function (the task id is traced; only "with a source or not" changes the graph).
+The step rule is pluggable, `step_fn(z, v, t, t_next) -> z_next` (`flow.euler_step` by default).
+A stochastic rule (`stochastic=True`) takes a fifth argument, a PRNG key drawn fresh for each step
+from the sampler's `key` (scan inputs, not the carry): `consistency_step`, the few-step sampler of
+a consistency-distilled model, denoises to an x0 estimate and re-noises it with fresh noise.
+Edit / inpaint / SR share one compiled function (the task id is traced; only "with a source or
+not" changes the graph).
 
 Host-side helpers prepare sources exactly as the shapes dataset does: inpaint holes set to 0 in
 [0, 255] space, SR sources nearest-upsampled to the target size.
@@ -35,14 +38,17 @@ from microforge_jax.config import ModelConfig, VAEConfig
 from microforge_jax.models.denoiser import TASKS, Text, build_denoiser, task_id
 from microforge_jax.models.vae import build_vae
 
-StepFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+StepFn = Callable[..., jax.Array]  # (z, v, t, t_next) -> z_next, plus a PRNG key when stochastic
 SOURCE_TASKS = ("edit", "inpaint", "sr")
+SAMPLERS = ("euler", "consistency")
 
 __all__ = [
     "SOURCE_TASKS",
     "TASKS",
+    "SAMPLERS",
     "Samples",
     "StepFn",
+    "consistency_step",
     "denormalize_latent",
     "from_uint8",
     "get_sampler",
@@ -52,8 +58,10 @@ __all__ = [
     "normalize_latent",
     "sr_source",
     "stack_guidance",
+    "step_rule",
     "task_id",
     "to_uint8",
+    "x0_from_velocity",
 ]
 
 
@@ -90,6 +98,30 @@ def initial_noise(seed: int, batch: int, latent_hw: tuple[int, int], channels: i
     return jax.random.normal(jax.random.key(seed), (batch, *latent_hw, channels), jnp.float32)
 
 
+def x0_from_velocity(z: jax.Array, v: jax.Array, t: jax.Array) -> jax.Array:
+    """The data estimate of a velocity prediction, x0 = z_t - t v (z_t = (1 - t) x0 + t eps, v = eps - x0).
+
+    At t = 0 it is z itself: the boundary condition f(z, 0) = z of a consistency function holds by
+    construction. `t` is a scalar or per-example (B,).
+    """
+    t = jnp.asarray(t, jnp.float32)
+    t = t.reshape((-1,) + (1,) * (z.ndim - 1)) if t.ndim else t
+    return z.astype(jnp.float32) - t * v.astype(jnp.float32)
+
+
+def consistency_step(z: jax.Array, v: jax.Array, t: jax.Array, t_next: jax.Array, key: jax.Array) -> jax.Array:
+    """The consistency sampler's step: x0 = z - t v, then z_next = (1 - t_next) x0 + t_next eps, eps fresh.
+
+    Fresh noise per step (multistep consistency sampling, Song et al. 2023): each step lands on a
+    new trajectory with the right marginal at t_next, so errors of the x0 estimate are not carried
+    along one fixed eps. At t_next = 0 it returns x0 (the last step adds no noise).
+    """
+    x0 = x0_from_velocity(z, v, t)
+    eps = jax.random.normal(key, z.shape, jnp.float32)
+    t_next = jnp.asarray(t_next, jnp.float32)
+    return (1.0 - t_next) * x0 + t_next * eps
+
+
 def stack_guidance(cond: Text, uncond: Text) -> Text:
     """[conditional ; unconditional] along the batch; an unconditional batch of 1 is broadcast."""
     b = cond.tokens.shape[0]
@@ -118,6 +150,7 @@ def make_sampler(
     guidance: bool = True,
     shift: float = 1.0,
     step_fn: StepFn = flow.euler_step,
+    stochastic: bool = False,
     with_source: bool = False,
     decode: bool = True,
     keep_plans: bool = False,
@@ -132,7 +165,9 @@ def make_sampler(
       steps: number of steps S >= 1 (static: the scan length).
       guidance: stack conditional and unconditional inputs (2B rows) and mix with the scale.
       shift: resolution shift of the time grid (`flow.time_grid`); 1 is the plain linear grid.
-      step_fn: `(z, v, t, t_next) -> z_next`; Euler by default.
+      step_fn: `(z, v, t, t_next) -> z_next`; Euler by default (`consistency_step` with stochastic=True).
+      stochastic: `step_fn` takes a fifth argument, a PRNG key, fresh for each step (split from the
+        sampler's `key` argument, which is then required).
       with_source: the tasks edit / inpaint / sr (a source image, VAE-encoded inside).
       decode: VAE-decode the final latent (False: `images_BxHxWx3` is None).
       keep_plans: also return every step's plan tokens (for tests and analysis).
@@ -141,12 +176,13 @@ def make_sampler(
         images to, e.g. `NamedSharding(mesh, P("data"))`; None lets jit follow the inputs.
 
     Returns:
-      `sample(params, text, uncond, noise_BxhxwxC, scale, source_BxHxWx3=None, task=0) -> Samples`
+      `sample(params, text, uncond, noise_BxhxwxC, scale, source_BxHxWx3=None, task=0, key=None) -> Samples`
       where `params = {"denoiser": tree, "vae": tree}` (bare parameter trees, as `load_run`
       gives them), `text` / `uncond` are `Text` (uncond may have batch 1, and is ignored without
       guidance), `noise` is N(0, 1) in the normalised latent space, `scale` the guidance scale
       (traced: changing it does not recompile), `source` an image in [-1, 1] at the target size
-      (required iff `with_source`) and `task` a task id (`task_id("edit")`, ...).
+      (required iff `with_source`), `task` a task id (`task_id("edit")`, ...) and `key` the PRNG
+      key of a stochastic step rule (required iff `stochastic`).
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -165,6 +201,7 @@ def make_sampler(
         scale: jax.Array | float,
         source_BxHxWx3: jax.Array | None = None,
         task: jax.Array | int = 0,
+        key: jax.Array | None = None,
     ) -> Samples:
         dvars = _variables(params["denoiser"])
         b = noise_BxhxwxC.shape[0]
@@ -172,6 +209,8 @@ def make_sampler(
             raise ValueError(f"this sampler was built with with_source={with_source}: pass a source iff it is set")
         if guidance and uncond is None:
             raise ValueError("a guided sampler needs the unconditional text (the empty prompt's embeddings)")
+        if (key is None) == stochastic:
+            raise ValueError(f"this sampler was built with stochastic={stochastic}: pass a key iff it is set")
         text_N = stack_guidance(text, uncond) if guidance else text
         n = 2 * b if guidance else b
         task_N = jnp.full((n,), task, jnp.int32)
@@ -204,13 +243,15 @@ def make_sampler(
 
         def body(carry, x):
             z, plan = carry
-            t, t_next, first = x
+            t, t_next, first, *step_key = x  # step_key: [a PRNG key] for a stochastic rule, else []
             v_N, new_plan = denoise(z, t, plan, jnp.logical_not(first))
             v = flow.guidance(v_N[:b], v_N[b:], scale) if guidance else v_N
-            z_next = constrain(step_fn(z, v, t, t_next).astype(jnp.float32))
+            z_next = constrain(step_fn(z, v, t, t_next, *step_key).astype(jnp.float32))
             return (z_next, new_plan), (new_plan if keep_plans else None)
 
         xs = (jnp.asarray(ts[:-1]), jnp.asarray(ts[1:]), jnp.arange(steps) == 0)
+        if stochastic:
+            xs = (*xs, jax.random.split(key, steps))
         z0 = constrain(noise_BxhxwxC.astype(jnp.float32))
         (z, _), plans = jax.lax.scan(body, (z0, plan0), xs)
         images = None
@@ -223,19 +264,38 @@ def make_sampler(
     return jax.jit(sample)
 
 
+def step_rule(sampler: str) -> tuple[StepFn, bool]:
+    """`(step_fn, stochastic)` of a sampler name in SAMPLERS ("euler" or "consistency")."""
+    if sampler == "euler":
+        return flow.euler_step, False
+    if sampler == "consistency":
+        return consistency_step, True
+    raise ValueError(f"unknown sampler {sampler!r}; samplers are {', '.join(SAMPLERS)}")
+
+
 @functools.lru_cache(maxsize=16)
 def get_sampler(
-    cfg: ModelConfig, steps: int, *, guidance: bool = True, shift: float = 1.0, with_source: bool = False
+    cfg: ModelConfig,
+    steps: int,
+    *,
+    guidance: bool = True,
+    shift: float = 1.0,
+    with_source: bool = False,
+    sampler: str = "euler",
 ) -> Callable[..., Samples]:
     """`make_sampler` with the default modules, cached: one jitted function per configuration.
 
     Args:
       cfg, steps, guidance, shift, with_source: see `make_sampler`.
+      sampler: the step rule by name (`step_rule`); "consistency" needs the `key` argument.
 
     Returns:
       The jitted sampler (shared by every caller asking for the same configuration).
     """
-    return make_sampler(cfg, steps, guidance=guidance, shift=shift, with_source=with_source)
+    step_fn, stochastic = step_rule(sampler)
+    return make_sampler(
+        cfg, steps, guidance=guidance, shift=shift, with_source=with_source, step_fn=step_fn, stochastic=stochastic
+    )
 
 
 # ----------------------------------------------------------------------------- host-side images

@@ -144,3 +144,33 @@ def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree.map(one, batch)
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+    """`jax.device_put(tree, shardings)` that also works when the mesh spans several processes.
+
+    Every process passes the same host values (e.g. frozen parameters, a restored model); each
+    places only the shards its own devices hold. PRNG key arrays go through their key data.
+    """
+
+    def one(x: Any, s: Any) -> Any:
+        if s.is_fully_addressable:
+            return jax.device_put(x, s)
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            data = one(jax.random.key_data(x), s)
+            return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=jax.random.key_impl(x)), out_shardings=s)(data)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def to_host(tree: Any) -> Any:
+    """`jax.device_get` for arrays sharded over several processes: every process gets the whole tree."""
+
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            x = jax.jit(lambda v: v, out_shardings=NamedSharding(x.sharding.mesh, PartitionSpec()))(x)
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)

@@ -31,15 +31,22 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from microforge_jax import checkpoint, losses, optim, sharding, train_steps
-from microforge_jax.config import ModelConfig, apply_overrides, load_config
-from microforge_jax.data import pipeline
+from microforge_jax import checkpoint, losses, optim, sampling, sharding, train_steps
+from microforge_jax.config import ConfigError, ModelConfig, apply_overrides, load_config
+from microforge_jax.data import imagefolder, pipeline
 from microforge_jax.models.denoiser import Text, build_denoiser
 from microforge_jax.models.vae import build_vae
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the stage and step."""
+
+
+# Model keys that change how the model computes, not its parameters: a run may resume (or
+# `init_from` another run) with a different value.
+RUNTIME_MODEL_KEYS: tuple[tuple[str, str], ...] = (("backbone", "remat"),)
+VAL_TIMES: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # the fixed flow times of the validation loss
+NUM_SAMPLES = 8  # images in a sample grid
 
 
 # ----------------------------------------------------------------------------- the run directory
@@ -57,14 +64,59 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str | Path) -> ml_co
     config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
     text = resolve_text_config(ModelConfig.from_config(config).text)
     config.model.text.encoder, config.model.text.embed_dim = text.encoder, text.embed_dim
+    if config.data.source not in ("shapes", "folder"):
+        raise ConfigError(f"data.source must be 'shapes' or 'folder', got {config.data.source!r}")
+    if config.data.source == "folder":
+        imagefolder.scan_folder(config.data.path)  # a missing or empty folder fails before anything is written
+    started = set(checkpoint.latest_steps(workdir)) & set(checkpoint.DENOISER_STAGES)
+    if config.get("init_from") and not started:  # once the run has a denoiser, init_from is history
+        source = Path(config.init_from)
+        _check_model(checkpoint.read_run_config(source), config, where=f"the --init_from run {source}")
+        if not set(checkpoint.latest_steps(source)) & set(checkpoint.DENOISER_STAGES):
+            raise checkpoint.RunError(f"--init_from run {source} has no flow or edit checkpoint to start from")
+        if "vae" not in config.stages and "vae" not in checkpoint.latest_steps(workdir):
+            _copy_vae(source, workdir, config)
     if (workdir / checkpoint.CONFIG_FILE).is_file():
         saved = checkpoint.read_run_config(workdir)
-        checkpoint.check_compatible(saved, config)
+        _check_model(saved, config)
         for key in ("scaling_factor", "shift_factor"):  # measured by this run: the saved value wins
             config.model.vae[key] = saved.model.vae[key]
     if jax.process_index() == 0:
         checkpoint.save_run_config(workdir, config)
     return config
+
+
+def _copy_vae(source: Path, workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """`init_from` without a "vae" stage: the source run's VAE checkpoints and latent scale/shift.
+
+    The denoiser was trained in that VAE's latent space, and a copy keeps this run self-contained
+    (`load_run` finds its VAE here).
+    """
+    import shutil  # noqa: PLC0415
+
+    if "vae" not in checkpoint.latest_steps(source):
+        raise checkpoint.RunError(f"--init_from run {source} has no VAE checkpoint; add 'vae' to stages")
+    if jax.process_index() == 0:
+        target = workdir / checkpoint.CHECKPOINT_DIR / "vae"
+        shutil.rmtree(target, ignore_errors=True)  # no finished step there (checked above): a partial copy
+        shutil.copytree(source / checkpoint.CHECKPOINT_DIR / "vae", target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices("init_from: VAE copied")
+    saved = checkpoint.read_run_config(source)
+    for key in ("scaling_factor", "shift_factor"):
+        config.model.vae[key] = saved.model.vae[key]
+    print(f"[vae] copied from {source} (latent scale {config.model.vae.scaling_factor:.4f})")
+
+
+def _check_model(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, **kw: Any) -> None:
+    """`checkpoint.check_compatible`, ignoring the RUNTIME_MODEL_KEYS (absent in older runs too)."""
+    saved = ml_collections.ConfigDict(saved.to_dict())
+    for section, key in RUNTIME_MODEL_KEYS:
+        if section in saved.model and key in config.model[section]:
+            saved.model[section][key] = config.model[section][key]
+    checkpoint.check_compatible(saved, config, **kw)
 
 
 def config_for_run(
@@ -139,8 +191,16 @@ def _train_loop(
     mesh,
     rules,
     start_from: dict[str, Any] | None = None,
+    evaluate: Any = None,
+    sample: Any = None,
 ) -> Any:
-    """The loop shared by all stages; returns the final (unboxed, sharded) train state."""
+    """The loop shared by all stages; returns the final (unboxed, sharded) train state.
+
+    `evaluate(state) -> {"val/...": float}` and `sample(state, step)` (both called by every
+    process) run every `config.eval_every` / `config.sample_every` steps and after the last step.
+    Batches with a `skipped` field (unreadable images replaced by the source) are counted into
+    `data/skipped`.
+    """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     ckpt = checkpoint.StageCheckpointer(workdir, stage, save_interval_steps=config.checkpoint_every)
@@ -155,8 +215,10 @@ def _train_loop(
         with nn.logical_axis_rules(rules):
             state = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=state_shardings)()
         for key, values in (start_from or {}).items():  # e.g. the edit stage starts from the flow model
-            state[key] = jax.tree.map(jax.device_put, values, state_shardings[key])
+            state[key] = sharding.put_global(values, state_shardings[key])
     start = int(state["step"])
+    if 0 < start < hp.steps:
+        print(f"[{stage}] restored step {start}, {hp.steps - start} steps to go")
     if start >= hp.steps:
         print(f"[{stage}] already trained ({start}/{hp.steps} steps)")
         ckpt.close()
@@ -166,21 +228,24 @@ def _train_loop(
 
     replicated = NamedSharding(mesh, PartitionSpec())
     frozen_shardings = jax.tree.map(lambda _: replicated, frozen)
-    frozen = jax.device_put(frozen, frozen_shardings)
-    rng = jax.device_put(
-        jax.random.fold_in(jax.random.key(config.seed), ("vae", "flow", "edit", "distill").index(stage)), replicated
+    frozen = sharding.put_global(frozen, frozen_shardings)
+    rng = sharding.put_global(
+        jax.random.fold_in(jax.random.key(config.seed), checkpoint.STAGES.index(stage)), replicated
     )
 
     step_jit = None
     logger = _Logger(workdir, stage)
     pbar = tqdm(total=hp.steps, initial=start, desc=stage, unit="step", dynamic_ncols=True, disable=jax.process_index())
     pending, t_last, s_last = None, time.perf_counter(), start
+    skipped, counts_skips = 0, False
 
     def finish(step_metrics) -> None:
         """Host side of a dispatched step: finiteness and logging (runs one step behind)."""
         nonlocal t_last, s_last
-        step, metrics = step_metrics
+        step, metrics, skipped_so_far = step_metrics
         values = {k: float(v) for k, v in metrics.items()}
+        if counts_skips:
+            values["data/skipped"] = float(skipped_so_far)
         if not np.isfinite(values["train/loss"]):
             raise TrainingError(f"[{stage}] non-finite loss ({values['train/loss']}) at step {step}; stopping")
         pbar.update(1)
@@ -197,7 +262,10 @@ def _train_loop(
     try:
         with sharding.use_mesh(mesh, rules):
             for step in range(start, hp.steps):
-                batch = host_to_batch(next(iterator))
+                raw = next(iterator)
+                if "skipped" in raw:  # unreadable images, reported through the records (DESIGN §7)
+                    skipped, counts_skips = skipped + int(np.sum(raw["skipped"])), True
+                batch = host_to_batch(raw)
                 if step_jit is None:
                     batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
                     step_jit = jax.jit(
@@ -209,13 +277,18 @@ def _train_loop(
                 state, metrics = step_jit(state, batch, rng, frozen)
                 if pending is not None:
                     finish(pending)
-                pending = (step + 1, metrics)
+                pending = (step + 1, metrics, skipped)
+                _periodic(step + 1, hp.steps, config, state, logger, evaluate, sample)
                 ckpt.save(step + 1, state, iterator)
                 if stop.is_set():
                     print(f"[{stage}] SIGTERM: saving step {step + 1} and stopping")
                     break
             if pending is not None:
                 finish(pending)
+            if not stop.is_set():
+                _periodic(int(state["step"]), hp.steps, config, state, logger, evaluate, sample, final=True)
+        if skipped and jax.process_index() == 0:
+            print(f"[{stage}] skipped {skipped} unreadable images (replaced by the next readable one)")
         ckpt.save(int(state["step"]), state, iterator, force=True)
         ckpt.wait_until_finished()
     finally:
@@ -229,19 +302,58 @@ def _train_loop(
     return state
 
 
+def _periodic(step: int, total: int, config, state, logger, evaluate, sample, final: bool = False) -> None:
+    """The validation loss and the sample grid, every eval_every / sample_every steps and at the end."""
+    due = lambda every: final or (every > 0 and step % every == 0 and step < total)
+    if evaluate is not None and due(config.get("eval_every", 0)):  # .get: runs saved before the key existed
+        values = evaluate(state)
+        logger.write(step, values)
+        if jax.process_index() == 0:
+            print(f"[{logger.stage}] step {step}: val/loss {values['val/loss']:.4f}")
+    if sample is not None and due(config.get("sample_every", 0)):
+        sample(state, step)
+
+
 # ----------------------------------------------------------------------------- stages
 
 
-def _stage_data(config, stage: str, hp):
+def _stage_data(config, stage: str, hp, split: str = "train"):
+    """A stage's batches: the shapes world or `data.path`; split "val" is fixed (no shuffle).
+
+    A folder has no split of its own: its "val" batches are its first images in file order
+    (a fixed set, but seen in training).
+    """
+    kw: dict[str, Any] = {"worker_count": config.data.worker_count}
+    if split != "train":
+        kw.update(shuffle=False, worker_count=0, read_threads=0)
+    if config.data.source == "folder":
+        return imagefolder.folder_dataset(
+            stage, config.data.path, batch_size=hp.batch_size, seed=config.seed, image_size=config.image_size, **kw
+        )
     return pipeline.shapes_dataset(
         stage,
         batch_size=hp.batch_size,
         seed=config.seed,
         image_size=config.image_size,
         data_seed=config.data.seed,
-        worker_count=config.data.worker_count,
+        split=split,
         weights=tuple(hp.task_weights) if stage == "edit" else None,
+        **kw,
     )
+
+
+def _sample_inputs(config, stage: str) -> tuple[list[str], np.ndarray | None]:
+    """The fixed prompts (and, for edit, uint8 sources) of the sample grids: 8 held-out records."""
+    if config.data.source == "folder":
+        source = imagefolder.ImageFolderSource(config.data.path, config.image_size)
+        return [source.entries[i % len(source)][1] for i in range(NUM_SAMPLES)], None
+    from microforge_jax.data.shapes import ShapesSource  # noqa: PLC0415
+
+    task = "edit" if stage == "edit" else "generate"
+    src = ShapesSource(task, "val", config.image_size, NUM_SAMPLES, config.data.seed)
+    records = [src[i] for i in range(NUM_SAMPLES)]
+    sources = np.stack([r["source"] for r in records]) if stage == "edit" else None
+    return [str(r["text"]) for r in records], sources
 
 
 def run_vae_stage(config, workdir: Path, mesh, rules) -> Any:
@@ -282,7 +394,7 @@ def run_vae_stage(config, workdir: Path, mesh, rules) -> Any:
         mesh=mesh,
         rules=rules,
     )
-    return jax.device_get(state["ema_params"])
+    return sharding.to_host(state["ema_params"])
 
 
 def measure_latent_stats(config, vae_params, mesh, rules) -> tuple[float, float]:
@@ -293,7 +405,12 @@ def measure_latent_stats(config, vae_params, mesh, rules) -> tuple[float, float]
     data = iter(_stage_data(config, "vae", hp))
     encode = jax.jit(lambda p, x: vae.apply(p, x, method=vae.encode).mode())
     zs = [np.asarray(encode(vae_params, next(data)["image"])) for _ in range(max(1, hp.scale_batches))]
-    z = np.concatenate(zs).astype(np.float64)
+    z = np.concatenate(zs)
+    if jax.process_count() > 1:  # each process read its own part of the batches: pool them, so all agree
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        z = np.asarray(multihost_utils.process_allgather(z))
+    z = z.astype(np.float64)
     return float(1.0 / max(z.std(), 1e-6)), float(z.mean())
 
 
@@ -319,6 +436,8 @@ def run_flow_stage(stage: str, config, workdir: Path, mesh, rules, vae_params: A
     start_from = None
     if stage == "edit" and checkpoint.latest_steps(workdir).get("flow") is not None:
         start_from = checkpoint.restore_stage_params(workdir, "flow")  # editing starts from the trained flow model
+    elif config.get("init_from") and checkpoint.latest_steps(workdir).get(stage) is None:
+        start_from = _init_from_params(Path(config.init_from), stage)
 
     def init_fn():
         r_den, r_text = jax.random.split(jax.random.key(config.seed + 1))
@@ -358,6 +477,28 @@ def run_flow_stage(stage: str, config, workdir: Path, mesh, rules, vae_params: A
             out.update(text_tokens=emb.tokens_BxMxD, text_mask=emb.mask_BxM, text_pooled=emb.pooled_BxD)
         return sharding.shard_batch(out, mesh, rules)
 
+    # ---- validation loss: fixed held-out batches and noise, the EMA params, t in VAL_TIMES
+    val_iter = iter(_stage_data(config, stage, hp, split="val"))
+    val_batches = [host_to_batch(next(val_iter)) for _ in range(max(1, config.get("eval_batches", 2)))]
+    val_fn = jax.jit(
+        lambda params, batch, key, frz: train_steps.flow_val_losses(spec, params, batch, key, frz, VAL_TIMES)
+    )
+
+    def evaluate(state) -> dict[str, float]:
+        key = jax.random.key(config.seed + 7)
+        per_t = np.mean(
+            [
+                np.asarray(val_fn(state["ema_params"], b, jax.random.fold_in(key, i), frozen_on_mesh))
+                for i, b in enumerate(val_batches)
+            ],
+            axis=0,
+        )
+        return {"val/loss": float(per_t.mean()), **{f"val/loss_t{t:g}": float(v) for t, v in zip(VAL_TIMES, per_t)}}
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    frozen_on_mesh = sharding.put_global(frozen, jax.tree.map(lambda _: replicated, frozen))
+    sample = _sample_hook(stage, config, cfg, encoder, vae_params, workdir, hp)
+
     state = _train_loop(
         stage,
         config,
@@ -371,8 +512,75 @@ def run_flow_stage(stage: str, config, workdir: Path, mesh, rules, vae_params: A
         mesh=mesh,
         rules=rules,
         start_from=start_from,
+        evaluate=evaluate,
+        sample=sample,
     )
-    return jax.device_get(state["ema_params"])
+    return sharding.to_host(state["ema_params"])
+
+
+def _init_from_params(source: Path, stage: str) -> dict[str, Any]:
+    """`init_from`: params and EMA from another run's latest denoiser EMA (this stage's, else the other one's)."""
+    steps = checkpoint.latest_steps(source)
+    order = (stage, *(s for s in checkpoint.DENOISER_STAGES if s != stage))
+    found = next((s for s in order if s in steps), None)
+    if found is None:
+        raise checkpoint.RunError(f"--init_from run {source} has no flow or edit checkpoint to start from")
+    ema = checkpoint.restore_stage_params(source, found, ("ema_params",))["ema_params"]
+    print(f"[{stage}] initialised from {source} ({found} EMA, step {steps[found]})")
+    return {"params": ema, "ema_params": ema}
+
+
+def _sample_hook(stage: str, config, cfg: ModelConfig, encoder, vae_params: Any, workdir: Path, hp):
+    """`sample(state, step)`: a grid of the EMA model's samples -> samples/<stage>_<step>.png (process 0).
+
+    Every process gathers the EMA params (a collective when they span processes); process 0 then
+    samples on its first device, outside the training mesh.
+    """
+    from PIL import Image  # noqa: PLC0415
+
+    from microforge_jax.pipeline import make_grid  # noqa: PLC0415
+
+    prompts, sources = _sample_inputs(config, stage)
+    guided = config.sample_cfg != 1.0
+    side = config.image_size // cfg.vae.downsample_factor
+    noise = sampling.initial_noise(config.seed, NUM_SAMPLES, (side, side), cfg.latent_channels)
+    device = jax.local_devices()[0]
+    one_device = sharding.make_mesh(config.sharding.mesh_axes, (1,) * len(config.sharding.mesh_axes), [device])
+    rules = sharding.rules_from_config(config.sharding)
+
+    def encode(params: Any, texts: list[str]) -> Text:
+        if encoder.trainable:  # the "simple" encoder trains with the backbone: its EMA weights
+            ids, mask = encoder.tokenize(texts)
+            return Text(*encoder.apply(params["text"], jnp.asarray(ids), jnp.asarray(mask)))
+        return Text(*encoder.encode(texts))
+
+    def sample(state, step: int) -> None:
+        ema = sharding.to_host(state["ema_params"])
+        if jax.process_index() != 0:
+            return
+        sampler = sampling.get_sampler(
+            cfg, config.sample_steps, guidance=guided, shift=float(hp.time_shift), with_source=sources is not None
+        )
+        with sharding.use_mesh(one_device, rules):
+            args = [
+                {"denoiser": ema["denoiser"], "vae": vae_params},
+                encode(ema, prompts),
+                encode(ema, [""]) if guided else None,
+                noise,
+                jnp.float32(config.sample_cfg),
+            ]
+            if sources is not None:
+                args += [jnp.asarray(sampling.from_uint8(sources)), jnp.int32(sampling.task_id("edit"))]
+            # Everything on this process's first device: the text encoder's outputs may be on the mesh.
+            images = sampler(*jax.device_put(args, device)).images_BxHxWx3
+            images = sampling.to_uint8(jax.device_get(images))
+        if sources is not None:  # the sources above their edits
+            images = np.concatenate([sources, images])
+        out = workdir / "samples" / f"{stage}_{step}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(make_grid(images, cols=NUM_SAMPLES if sources is not None else NUM_SAMPLES // 2)).save(out)
+
+    return sample
 
 
 # ----------------------------------------------------------------------------- the curriculum
@@ -396,15 +604,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 if jax.process_index() == 0:
                     checkpoint.save_run_config(workdir, config)
                 print(f"[vae] latent scale {scale:.4f}, shift {shift:.4f} (saved in config.json)")
-        elif stage in ("flow", "edit"):
+        elif stage == "edit" and config.data.source == "folder":
+            print("[edit] skipped: a folder of captioned images has no edit pairs (data.source='folder')")
+            continue
+        elif stage in ("flow", "edit", "distill", "consistency"):
             if vae_params is None:
                 _, loaded = checkpoint.load_run(workdir)
                 if "vae" not in loaded:
                     raise checkpoint.RunError(f"stage {stage!r} needs a trained VAE: run the 'vae' stage first")
                 vae_params = loaded["vae"]
-            run_flow_stage(stage, config, workdir, mesh, rules, vae_params)
+            if stage in ("flow", "edit"):
+                run_flow_stage(stage, config, workdir, mesh, rules, vae_params)
+            else:
+                from microforge_jax import distill  # noqa: PLC0415 (it imports this module)
+
+                distill.run_distill_stage(stage, config, workdir, mesh, rules, vae_params)
         else:
-            raise ValueError(f"unknown stage {stage!r}; stages are vae, flow, edit")
+            raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(checkpoint.STAGES)}")
         summary[f"{stage}_seconds"] = time.perf_counter() - t0
     return summary
 
@@ -417,6 +633,7 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
     """
     if coordinator is None and num_processes is None:
         return
-    if jax.default_backend() == "cpu" or not jax.devices():
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Unconditionally, and without asking for the backend (jax.devices() / default_backend() would
+    # start it, and initialize() must come first); the setting only affects the CPU client.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)

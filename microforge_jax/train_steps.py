@@ -7,6 +7,14 @@ jointly). Frozen models (the VAE in the flow stage, the empty prompt's embedding
 separate argument the step never updates. Per-step randomness is `fold_in(rng, step)`. Metrics
 are a flat dict of scalars with `train/...` keys. `train_lib` jits these once with explicit
 shardings and buffer donation.
+
+Gradient accumulation (`hp.grad_accum = n`): the step's batch is cut into n micro-batches inside
+the jitted step and a `lax.scan` sums their gradients, so memory holds one micro-batch of
+activations while the update is the one of the whole batch (per-example randomness is drawn for
+the whole batch first, so accumulation changes nothing but the summation order).
+
+Mixed precision: the modules compute in `model.dtype` (bf16 on accelerators) but the parameters,
+gradients, optimizer state and EMA stay in fp32 (the master weights), and every loss is fp32.
 """
 
 from __future__ import annotations
@@ -24,6 +32,51 @@ from microforge_jax.models.planner import plan_diversity_loss
 from microforge_jax.models.vae import DCVAE
 
 State = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- gradient accumulation
+
+
+def split_micro(tree: Any, n: int) -> Any:
+    """(B, ...) leaves -> (n, B/n, ...), micro-batch k holding rows k, k+n, k+2n, ...
+
+    Strided rather than contiguous: the batch is sharded in contiguous blocks over the devices, so
+    taking every n-th row keeps each micro-batch spread over all of them (no data moves).
+    """
+
+    def one(x: jax.Array) -> jax.Array:
+        if x.shape[0] % n:
+            raise ValueError(f"grad_accum {n} does not divide the per-step batch {x.shape[0]}")
+        return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(one, tree)
+
+
+def accumulate_gradients(grad_fn: Any, params: Any, micro: Any, n: int) -> tuple[Any, Any]:
+    """Averages `grad_fn(params, micro_batch) -> (aux, grads)` over `n` micro-batches.
+
+    Args:
+      grad_fn: returns a pytree of scalars (`aux`, averaged too) and the gradients.
+      params: the parameters (fp32 master weights).
+      micro: the micro-batches, leaves (n, B/n, ...) from `split_micro`; with n == 1, the batch itself.
+      n: the number of micro-batches (1: one plain call, no scan).
+
+    Returns:
+      (aux averaged over the micro-batches, fp32 gradients averaged over them).
+    """
+    if n == 1:
+        aux, grads = grad_fn(params, micro)
+        return aux, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+
+    def body(carry, mb):
+        aux, grads = grad_fn(params, mb)
+        # fp32 sums: bf16 sums of n gradients would lose the small ones.
+        return jax.tree.map(lambda c, g: c + g.astype(jnp.float32), carry, grads), aux
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    grads, auxs = jax.lax.scan(body, zeros, micro)
+    mean = lambda x: jnp.mean(x.astype(jnp.float32), axis=0)
+    return jax.tree.map(mean, auxs), jax.tree.map(lambda g: g / n, grads)
 
 
 def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -47,37 +100,52 @@ class VAEStep:
 
 
 def vae_train_step(spec: VAEStep, state: State, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[State, dict]:
+    """One VAE + discriminator step (both accumulated over `hp.grad_accum` micro-batches)."""
     hp = spec.hp
+    n = int(hp.get("grad_accum", 1))
     step = state["step"]
     rng = jax.random.fold_in(rng, step)
-    image = batch["image"]
     # The discriminator switches on after a warm-up, read from the (restored) step.
     gan_on = jnp.where(step >= hp.disc_start, 1.0, 0.0) * (hp.gan_weight > 0)
 
-    def loss_fn(params):
-        recon, posterior = spec.vae.apply(params, image, rng=rng)
-        l1 = jnp.mean(jnp.abs(recon - image))
-        kl = jnp.mean(posterior.kl())
-        perceptual = losses.gradient_loss(recon, image)
-        g_adv = losses.hinge_g_loss(spec.disc.apply(state["disc_params"], recon))
-        loss = hp.l1_weight * l1 + hp.kl_weight * kl + hp.perceptual_weight * perceptual
-        loss = loss + gan_on * hp.gan_weight * g_adv
-        return loss, (recon, {"l1": l1, "kl": kl, "perceptual": perceptual, "g_adv": g_adv})
+    def grad_fn(params_pair, mb):
+        params, disc_params = params_pair
+        image = mb["image"]
+        # Each micro-batch its own posterior noise (the whole batch's, split, would need the
+        # VAE's internals); the same distribution as the one-batch step.
+        r = jax.random.fold_in(rng, mb["micro"]) if n > 1 else rng
 
-    (loss, (recon, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        def loss_fn(params):
+            recon, posterior = spec.vae.apply(params, image, rng=r)
+            recon = recon.astype(jnp.float32)  # fp32 losses whatever the compute dtype
+            l1 = jnp.mean(jnp.abs(recon - image))
+            kl = jnp.mean(posterior.kl().astype(jnp.float32))
+            perceptual = losses.gradient_loss(recon, image)
+            g_adv = losses.hinge_g_loss(spec.disc.apply(disc_params, recon))
+            loss = hp.l1_weight * l1 + hp.kl_weight * kl + hp.perceptual_weight * perceptual
+            loss = loss + gan_on * hp.gan_weight * g_adv
+            return loss, (recon, {"l1": l1, "kl": kl, "perceptual": perceptual, "g_adv": g_adv})
+
+        (loss, (recon, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+        def d_loss_fn(disc_params):
+            real = spec.disc.apply(disc_params, image)
+            fake = spec.disc.apply(disc_params, jax.lax.stop_gradient(recon))
+            return losses.hinge_d_loss(real, fake)
+
+        d_loss, d_grads = jax.value_and_grad(d_loss_fn)(disc_params)
+        mse = jnp.mean(jnp.square(recon - image.astype(jnp.float32)))
+        return {"loss": loss, "d_loss": d_loss, "mse": mse, **parts}, (grads, d_grads)
+
+    images = batch["image"]
+    micro = {"image": images} if n == 1 else {"image": split_micro(images, n), "micro": jnp.arange(n)}
+    aux, (grads, d_grads) = accumulate_gradients(grad_fn, (state["params"], state["disc_params"]), micro, n)
     updates, opt_state = spec.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-
-    def d_loss_fn(disc_params):
-        real = spec.disc.apply(disc_params, image)
-        fake = spec.disc.apply(disc_params, jax.lax.stop_gradient(recon))
-        return losses.hinge_d_loss(real, fake)
-
-    d_loss, d_grads = jax.value_and_grad(d_loss_fn)(state["disc_params"])
     d_updates, d_opt_state = spec.disc_tx.update(d_grads, state["disc_opt_state"], state["disc_params"])
     d_params = optax.apply_updates(state["disc_params"], d_updates)
     # Before the warm-up ends the discriminator does not move (its optimizer state neither).
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(gan_on > 0, n, o), new, old)
+    keep = lambda new, old: jax.tree.map(lambda a, o: jnp.where(gan_on > 0, a, o), new, old)
     new_state = dict(
         state,
         step=step + 1,
@@ -87,12 +155,11 @@ def vae_train_step(spec: VAEStep, state: State, batch: dict[str, jax.Array], rng
         disc_params=keep(d_params, state["disc_params"]),
         disc_opt_state=keep(d_opt_state, state["disc_opt_state"]),
     )
+    mse = aux.pop("mse")
     metrics = {
-        "train/loss": loss,
-        "train/psnr": psnr(recon, image),
-        "train/d_loss": d_loss,
-        "train/grad_norm": optax.global_norm(grads),
-        **{f"train/{k}": v for k, v in parts.items()},
+        "train/psnr": 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10)),  # psnr() of the whole batch
+        "train/grad_norm": optax.tree.norm(grads),
+        **{f"train/{k}": v for k, v in aux.items()},
     }
     return new_state, metrics
 
@@ -138,43 +205,66 @@ def flow_train_step(
     `"empty_mask"` (its tokens), encoded inside the step by the encoder being trained.
     """
     hp = spec.hp
+    n = int(hp.get("grad_accum", 1))
     step = state["step"]
     rng = jax.random.fold_in(rng, step)
     r_vae, r_src, r_t, r_eps, r_drop, r_sc = jax.random.split(rng, 6)
+    # Everything random is drawn for the whole batch (the frozen VAE encodes it at once, no
+    # gradient), then cut into micro-batches: accumulation gives the one-batch update.
     z0 = encode_latents(spec, frozen["vae"], batch["image"], r_vae)
-    source = encode_latents(spec, frozen["vae"], batch["source"], None) if "source" in batch else None
-    task = batch.get("task")
     b = z0.shape[0]
     t = flow.sample_time(r_t, b, kind=hp.time_sampling, mean=hp.time_mean, std=hp.time_std, shift=hp.time_shift)
     eps = jax.random.normal(r_eps, z0.shape, jnp.float32)
-    z_t = flow.interpolate(z0, eps, t)
-    target = flow.velocity_target(z0, eps)
-    drop = jax.random.bernoulli(r_drop, hp.caption_dropout, (b,))
-    has_prev = jax.random.bernoulli(r_sc, hp.self_cond_prob, (b,))
+    per_example = {
+        "z_t": flow.interpolate(z0, eps, t),
+        "target": flow.velocity_target(z0, eps),
+        "t": t,
+        "drop": jax.random.bernoulli(r_drop, hp.caption_dropout, (b,)),
+        "has_prev": jax.random.bernoulli(r_sc, hp.self_cond_prob, (b,)),
+        **{k: v for k, v in batch.items() if k not in ("image", "source", "mask")},
+    }
+    if "source" in batch:
+        per_example["source"] = encode_latents(spec, frozen["vae"], batch["source"], None)
 
-    def loss_fn(params):
-        text = _text(spec, params, batch)
+    def loss_fn(params, mb):
+        m = mb["t"].shape[0]
+        text = _text(spec, params, mb)
         if spec.text_module is None:
             empty = frozen["empty_text"]
         else:
             empty = _text(spec, params, {"text_ids": frozen["empty_ids"], "text_mask": frozen["empty_mask"]})
         # Caption dropout: the empty prompt's embedding, the unconditional input of guidance.
-        pick = lambda e, x: jnp.where(drop.reshape((b,) + (1,) * (x.ndim - 1)), e.astype(x.dtype), x)
+        pick = lambda e, x: jnp.where(mb["drop"].reshape((m,) + (1,) * (x.ndim - 1)), e.astype(x.dtype), x)
         text = Text(*(pick(e, x) for e, x in zip(empty, text, strict=True)))
         den = params["denoiser"]
+        z_t, t, source = mb["z_t"], mb["t"], mb.get("source")
         prev = None
         if spec.denoiser.cfg.backbone.use_planner:
             # Self-conditioning (RIN): a first planner pass with no previous state, stop-gradiented,
             # is the previous plan for the `has_prev` part of the batch.
             prev = jax.lax.stop_gradient(spec.denoiser.apply(den, z_t, t, text, method=spec.denoiser.plan))
         v, plan = spec.denoiser.apply(
-            den, z_t, t, text, task_B=task, source_BxhxwxC=source, prev_plan_BxKxD=prev, has_prev_B=has_prev
+            den,
+            z_t,
+            t,
+            text,
+            task_B=mb.get("task"),
+            source_BxhxwxC=source,
+            prev_plan_BxKxD=prev,
+            has_prev_B=mb["has_prev"],
         )
-        loss = flow.flow_loss(v, target, t)
+        loss = flow.flow_loss(v, mb["target"], t)  # fp32 (the backbone's output is cast to fp32)
         diversity = plan_diversity_loss(plan) if plan is not None else jnp.zeros(())
-        return loss + spec.diversity_weight * diversity, {"flow_loss": loss, "plan_diversity": diversity}
+        total = loss + spec.diversity_weight * diversity
+        return total, {"loss": total, "flow_loss": loss, "plan_diversity": diversity}
 
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    def grad_fn(params, mb):
+        (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+        return parts, grads
+
+    micro = per_example if n == 1 else split_micro(per_example, n)
+    parts, grads = accumulate_gradients(grad_fn, state["params"], micro, n)
+    loss = parts.pop("loss")
     updates, opt_state = spec.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = dict(
@@ -186,7 +276,42 @@ def flow_train_step(
     )
     metrics = {
         "train/loss": loss,
-        "train/grad_norm": optax.global_norm(grads),
+        "train/grad_norm": optax.tree.norm(grads),
         **{f"train/{k}": v for k, v in parts.items()},
     }
     return new_state, metrics
+
+
+def flow_val_losses(
+    spec: FlowStep,
+    params: Any,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    frozen: dict[str, Any],
+    times: tuple[float, ...],
+) -> jax.Array:
+    """The flow loss of `params` on one batch at each fixed time in `times` (fp32, shape (len(times),)).
+
+    Deterministic: the posterior mode of the VAE, noise from `key`, no caption dropout and no
+    self-conditioning (the planner starts from its initial state, as at the sampler's first step).
+    """
+    z0 = encode_latents(spec, frozen["vae"], batch["image"], None)
+    source = encode_latents(spec, frozen["vae"], batch["source"], None) if "source" in batch else None
+    eps = jax.random.normal(key, z0.shape, jnp.float32)
+    target = flow.velocity_target(z0, eps)
+    text = _text(spec, params, batch)
+    b = z0.shape[0]
+
+    def at(t: jax.Array) -> jax.Array:
+        t_B = jnp.full((b,), t, jnp.float32)
+        v, _ = spec.denoiser.apply(
+            params["denoiser"],
+            flow.interpolate(z0, eps, t_B),
+            t_B,
+            text,
+            task_B=batch.get("task"),
+            source_BxhxwxC=source,
+        )
+        return flow.flow_loss(v, target, t_B)
+
+    return jax.lax.map(at, jnp.asarray(times, jnp.float32))  # one compiled body for all times

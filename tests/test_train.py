@@ -28,6 +28,8 @@ TINY = (
     "train.vae.scale_batches=1",
     "log_every=1",
     "checkpoint_every=2",
+    "sample_steps=2",
+    "eval_batches=1",
 )
 
 
@@ -41,7 +43,7 @@ def _config(*overrides, steps=2, batch=8):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    summary = train_lib.train_and_evaluate(_config(), workdir)
+    summary = train_lib.train_and_evaluate(_config("eval_every=1", "sample_every=1"), workdir)
     return workdir, summary
 
 
@@ -50,10 +52,47 @@ def test_curriculum_trains_every_stage(finished_run):
     assert checkpoint.latest_steps(workdir) == {"vae": 2, "flow": 2, "edit": 2}
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     for stage in ("vae", "flow", "edit"):
-        losses = [r["train/loss"] for r in lines if r["stage"] == stage]
+        losses = [r["train/loss"] for r in lines if r["stage"] == stage and "train/loss" in r]
         assert len(losses) == 2 and all(np.isfinite(losses)), stage
     assert any("train/psnr" in r for r in lines if r["stage"] == "vae")
     assert any((workdir / "tensorboard").iterdir())
+
+
+def test_validation_losses_and_sample_grids(finished_run):
+    from PIL import Image
+
+    workdir, _ = finished_run
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    for stage, width in (("flow", 4 * 32), ("edit", 8 * 32)):
+        val = [r for r in lines if r["stage"] == stage and "val/loss" in r]
+        assert [r["step"] for r in val] == [1, 2], stage  # eval_every=1, and once at the end
+        for r in val:
+            per_t = [r[f"val/loss_t{t}"] for t in ("0.1", "0.3", "0.5", "0.7", "0.9")]
+            assert all(np.isfinite(per_t)) and np.isclose(r["val/loss"], np.mean(per_t), rtol=1e-5)
+        for step in (1, 2):  # sample_every=1: a grid after each step (flow 2x4, edit sources above edits)
+            assert Image.open(workdir / "samples" / f"{stage}_{step}.png").size == (width, 64)
+
+
+def test_init_from_starts_from_another_runs_ema(finished_run, tmp_path):
+    source, _ = finished_run
+    workdir = tmp_path / "finetune"
+    # No "vae" stage: the source's VAE (and its latent scale/shift) is copied in.
+    config = train_lib.prepare_run(_config("stages=('flow',)", f"init_from={source}", steps=0), workdir)
+    assert checkpoint.latest_steps(workdir) == {"vae": 2}
+    assert config.model.vae.scaling_factor == checkpoint.read_run_config(source).model.vae.scaling_factor
+    mesh, rules = train_lib._mesh(config)
+    vae = checkpoint.restore_stage_params(workdir, "vae", ("ema_params",))["ema_params"]
+    ema = train_lib.run_flow_stage("flow", config, workdir, mesh, rules, vae)  # 0 steps: the initial state
+    want = checkpoint.restore_stage_params(source, "flow", ("ema_params",))["ema_params"]
+    for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_from_refuses_another_model_config(finished_run, tmp_path):
+    source, _ = finished_run
+    with pytest.raises(checkpoint.RunError, match=r"model.backbone.depth is 2 in the --init_from run .* but 3"):
+        train_lib.prepare_run(_config("model.backbone.depth=3", f"init_from={source}"), tmp_path)
+    assert not (tmp_path / "config.json").exists()  # refused before anything is written
 
 
 def test_latent_scale_and_shift_are_measured_into_config_json(finished_run):
@@ -136,3 +175,103 @@ def test_sigterm_then_resume_is_exact(tmp_path, monkeypatch):
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
     with pytest.raises(train_lib.TrainingError, match=r"non-finite loss .* at step 1"):
         train_lib.train_and_evaluate(_config("stages=('vae',)", "train.vae.l1_weight=nan"), tmp_path)
+
+
+# ----------------------------------------------------------------------------- steps: accumulation, bf16, remat
+
+
+def _flow_step_setup(redraw, *overrides, batch=4):
+    """A redrawn tiny flow model, its train state, one batch and the frozen inputs (no text encoder)."""
+    import jax.numpy as jnp
+    import ml_collections
+
+    from microforge_jax import optim, train_steps
+    from microforge_jax.config import ModelConfig
+    from microforge_jax.models.denoiser import Text, build_denoiser
+    from microforge_jax.models.vae import build_vae
+
+    # One block keeps the compiles short; the planner (and its self-conditioning split) stays on.
+    config = _config(
+        "model.backbone.depth=1", "train.flow.warmup_steps=0", "train.flow.caption_dropout=0.5", *overrides
+    )
+    cfg = ModelConfig.from_config(config)
+    den, vae = build_denoiser(cfg), build_vae(cfg)
+    rng = np.random.default_rng(0)
+    m, e, side = 40, 384, config.image_size // cfg.vae.downsample_factor
+    text = Text(
+        jnp.asarray(rng.standard_normal((batch, m, e)), jnp.float32),
+        jnp.ones((batch, m), bool),
+        jnp.asarray(rng.standard_normal((batch, e)), jnp.float32),
+    )
+    z, t = jnp.zeros((batch, side, side, cfg.latent_channels)), jnp.zeros((batch,))
+    image = jnp.asarray(rng.uniform(-1, 1, (batch, config.image_size, config.image_size, 3)), jnp.float32)
+    # Jitted inits: eager Flax inits cost seconds op by op; compiled ones hit the persistent cache.
+    params = redraw({"denoiser": jax.jit(den.init)(jax.random.key(0), z, t, text)}, seed=0)
+    frozen = {
+        "vae": redraw(jax.jit(vae.init)(jax.random.key(1), image), seed=1),
+        "empty_text": Text(jnp.zeros((1, m, e)), jnp.ones((1, m), bool), jnp.zeros((1, e))),
+    }
+    batch_ = {"image": image, "text_tokens": text.tokens, "text_mask": text.mask, "text_pooled": text.pooled}
+
+    def run(grad_accum: int):
+        hp = ml_collections.ConfigDict({**config.train.flow.to_dict(), "grad_accum": grad_accum})
+        tx = optim.make_optimizer(hp)
+        spec = train_steps.FlowStep(den, vae, tx, hp, diversity_weight=0.01)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "ema_params": params, "opt_state": tx.init(params)}
+        step = jax.jit(lambda s, b, r, f: train_steps.flow_train_step(spec, s, b, r, f))
+        return step(state, batch_, jax.random.key(3), frozen)
+
+    return run, params
+
+
+def test_grad_accum_gives_the_one_batch_update(redraw, relerr):
+    run, before = _flow_step_setup(redraw)
+    (one, m1), (two, m2) = run(1), run(2)
+    flat = lambda tree: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+    assert relerr(flat(one["params"]), flat(before)) > 1e-6  # the step did move the parameters
+    assert relerr(flat(two["params"]), flat(one["params"])) <= 1e-5
+    assert relerr(m2["train/grad_norm"], m1["train/grad_norm"]) <= 1e-5
+    assert relerr(m2["train/loss"], m1["train/loss"]) <= 1e-5
+
+
+def test_bf16_compute_keeps_fp32_master_weights(redraw):
+    run, _ = _flow_step_setup(redraw, "model.dtype=bfloat16")
+    state, metrics = run(2)
+    for key in ("params", "ema_params", "opt_state"):
+        floats = [x for x in jax.tree.leaves(state[key]) if np.issubdtype(np.asarray(x).dtype, np.floating)]
+        assert floats and all(x.dtype == np.float32 for x in floats), key
+    assert metrics["train/loss"].dtype == np.float32 and np.isfinite(float(metrics["train/loss"]))
+    assert np.isfinite(float(metrics["train/grad_norm"]))
+
+
+def test_remat_keeps_parameter_names_and_gradients(redraw, relerr):
+    import jax.numpy as jnp
+
+    from microforge_jax.config import ModelConfig
+    from microforge_jax.models.denoiser import Text, build_denoiser
+
+    plain = build_denoiser(ModelConfig.from_config(_config("model.backbone.depth=1")))
+    remat = build_denoiser(ModelConfig.from_config(_config("model.backbone.depth=1", "model.backbone.remat=True")))
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
+    t = jnp.asarray([0.3, 0.8], jnp.float32)
+    text = Text(
+        jnp.asarray(rng.standard_normal((2, 40, 384)), jnp.float32), jnp.ones((2, 40), bool), jnp.ones((2, 384))
+    )
+    init = lambda model: jax.jit(model.init)(jax.random.key(0), z, t, text)
+    shapes = lambda model: jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(lambda: init(model)))
+    assert shapes(plain) == shapes(remat)  # same names, shapes and dtypes: the checkpoints are interchangeable
+    params = redraw(init(plain))
+    uncond = Text(jnp.zeros_like(text.tokens), text.mask, jnp.zeros_like(text.pooled))
+    v, _ = plain.apply(params, z, t, text)
+    v_uncond, _ = plain.apply(params, z, t, uncond)
+    assert float(jnp.std(v)) > 0 and relerr(v_uncond, v) > 1e-3  # non-degenerate and conditioned
+
+    def grads(model):
+        loss = lambda p: jnp.sum(jnp.square(model.apply(p, z, t, text)[0]))
+        g = jax.jit(jax.grad(loss))(params)
+        # Normwise over the whole tree: some leaves' true gradient is zero (a bias before a norm),
+        # and a leaf of pure rounding noise has no meaningful relative error of its own.
+        return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(g)])
+
+    assert relerr(grads(remat), grads(plain)) <= 1e-5

@@ -199,13 +199,17 @@ class Backbone(nn.Module):
         shared = SharedMQA(cfg, name="shared_mqa", **kw) if cfg.use_shared_attn else None
         silu_cond = nn.silu(cond_BxD)
         mod = None
+        # Rematerialisation trades compute for memory: a block's activations are recomputed in the
+        # backward pass. nn.remat keeps the parameter names (block{i}/...); grid_hw (argument 5,
+        # counting self) is a Python tuple, hence static.
+        block_cls = nn.remat(HybridBlock, static_argnums=(5,)) if cfg.remat else HybridBlock
         for i in range(cfg.depth):
             if i % group == 0:  # AdaLN-Group: one zero-initialised modulation MLP per group
                 mod = layers.dense(
                     NUM_MOD * d, (axes.EMBED, axes.MLP), kernel_init=layers.zeros, name=f"adaln{i // group}", **kw
                 )
                 mod = mod(silu_cond).reshape(b, NUM_MOD, d)
-            x = HybridBlock(cfg, layer_index=i, name=f"block{i}", **kw)(x, mod, context, mask, grid_hw)
+            x = block_cls(cfg, layer_index=i, name=f"block{i}", **kw)(x, mod, context, mask, grid_hw)
             if shared is not None and (i + 1) % cfg.shared_attn_every == 0:
                 x = shared(x)
 

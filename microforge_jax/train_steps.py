@@ -107,6 +107,7 @@ def vae_train_step(spec: VAEStep, state: State, batch: dict[str, jax.Array], rng
     rng = jax.random.fold_in(rng, step)
     # The discriminator switches on after a warm-up, read from the (restored) step.
     gan_on = jnp.where(step >= hp.disc_start, 1.0, 0.0) * (hp.gan_weight > 0)
+    use_gan = hp.gan_weight > 0  # static: with the GAN term off the discriminator is not run at all
 
     def grad_fn(params_pair, mb):
         params, disc_params = params_pair
@@ -121,7 +122,7 @@ def vae_train_step(spec: VAEStep, state: State, batch: dict[str, jax.Array], rng
             l1 = jnp.mean(jnp.abs(recon - image))
             kl = jnp.mean(posterior.kl().astype(jnp.float32))
             perceptual = losses.gradient_loss(recon, image)
-            g_adv = losses.hinge_g_loss(spec.disc.apply(disc_params, recon))
+            g_adv = losses.hinge_g_loss(spec.disc.apply(disc_params, recon)) if use_gan else jnp.zeros(())
             loss = hp.l1_weight * l1 + hp.kl_weight * kl + hp.perceptual_weight * perceptual
             loss = loss + gan_on * hp.gan_weight * g_adv
             return loss, (recon, {"l1": l1, "kl": kl, "perceptual": perceptual, "g_adv": g_adv})
@@ -133,7 +134,10 @@ def vae_train_step(spec: VAEStep, state: State, batch: dict[str, jax.Array], rng
             fake = spec.disc.apply(disc_params, jax.lax.stop_gradient(recon))
             return losses.hinge_d_loss(real, fake)
 
-        d_loss, d_grads = jax.value_and_grad(d_loss_fn)(disc_params)
+        if use_gan:
+            d_loss, d_grads = jax.value_and_grad(d_loss_fn)(disc_params)
+        else:
+            d_loss, d_grads = jnp.zeros(()), jax.tree.map(jnp.zeros_like, disc_params)
         mse = jnp.mean(jnp.square(recon - image.astype(jnp.float32)))
         return {"loss": loss, "d_loss": d_loss, "mse": mse, **parts}, (grads, d_grads)
 

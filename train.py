@@ -34,7 +34,8 @@ def main(argv: list[str]) -> int:
     config, workdir = train_lib.config_for_run(args.config, args.overrides, args.workdir)
     train_lib.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     summary = train_lib.train_and_evaluate(config, workdir)
-    print(f"run finished: {summary['workdir']}")
+    seconds = sum(v for k, v in summary.items() if k.endswith("_seconds"))
+    print(f"run finished: {summary['workdir']} ({seconds:.0f} s)")
     return 0
 
 

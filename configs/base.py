@@ -83,6 +83,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample_every = 0  # steps between sample grids written to samples/<stage>_<step>.png (0: only at the end)
     c.sample_steps = 16  # Euler steps of those grids
     c.sample_cfg = 3.0  # guidance scale of those grids
+    # ShapesEval of the finished run (held-out prompts, VAE PSNR, recolour edits; eval.json);
+    # num = 0 turns it off. The same as `python -m microforge_jax.eval --workdir DIR`.
+    c.final_eval = fe = ml_collections.ConfigDict()
+    fe.num = 0  # held-out prompts to generate and score
+    fe.steps = 25  # sampling steps
+    fe.cfg = 4.0  # guidance scale
+    fe.edits = 64  # recolour edits to score (0: none)
 
     c.train = tr = ml_collections.ConfigDict()
     tr.vae = v = ml_collections.ConfigDict()

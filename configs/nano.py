@@ -33,6 +33,7 @@ def get_config():
     c.log_every = 25
     c.checkpoint_every = 200
     c.sample_steps = 16
+    c.final_eval.num = 200  # `python train.py` ends with the ShapesEval table
 
     v = c.train.vae
     v.steps = 1200

@@ -622,6 +622,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         else:
             raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(checkpoint.STAGES)}")
         summary[f"{stage}_seconds"] = time.perf_counter() - t0
+    ev = config.get("final_eval")
+    if ev is not None and ev.num > 0 and jax.process_index() == 0:
+        from microforge_jax.eval import model_eval  # noqa: PLC0415 (loads the sampler)
+
+        t0 = time.perf_counter()
+        result = model_eval.evaluate_run(workdir, num=ev.num, steps=ev.steps, cfg=ev.cfg, edits=ev.edits)
+        print(model_eval.format_result(result))
+        summary["eval"] = result
+        summary["eval_seconds"] = time.perf_counter() - t0
     return summary
 
 

@@ -387,6 +387,7 @@ def latest_steps(workdir: str | os.PathLike) -> dict[str, int]:
 
 def _restore_items(directory: Path, step: int, keys: tuple[str, ...]) -> dict[str, Any]:
     """Restores only `keys` of one checkpoint's train state, as arrays on the first local device."""
+    directory = Path(directory).absolute()  # Orbax refuses relative paths (`--workdir runs/nano`)
     step_dir = directory / str(step)
     if not (step_dir / STATE_ITEM).is_dir():
         raise RunError(f"checkpoint {step_dir} is incomplete: it has no {STATE_ITEM}/")

@@ -145,6 +145,16 @@ def test_load_run_returns_ema_on_one_device(fake_run, sharded_params):
     assert jax.tree.structure(params) == jax.tree.structure(want)
 
 
+def test_load_run_and_restore_take_a_relative_workdir(fake_run, monkeypatch):
+    """`--workdir runs/nano` is relative; Orbax itself refuses relative paths."""
+    workdir, _, _ = fake_run
+    monkeypatch.chdir(workdir.parent)
+    _, params = checkpoint.load_run(workdir.name)
+    assert set(params) == {"vae", "denoiser", "text"}
+    restored = checkpoint.restore_stage_params(workdir.name, "flow", ("ema_params",))
+    assert jax.tree.leaves(restored)
+
+
 def test_load_run_edit_overrides_flow(tmp_path, sharded_params):
     checkpoint.save_run_config(tmp_path, _config())
     with StageCheckpointer(tmp_path, "flow") as ckpt:

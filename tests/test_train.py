@@ -30,6 +30,7 @@ TINY = (
     "checkpoint_every=2",
     "sample_steps=2",
     "eval_batches=1",
+    "final_eval.num=0",  # nano ends with a 200-prompt ShapesEval; the curriculum test asks for a small one
 )
 
 
@@ -43,7 +44,8 @@ def _config(*overrides, steps=2, batch=8):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    summary = train_lib.train_and_evaluate(_config("eval_every=1", "sample_every=1"), workdir)
+    config = _config("eval_every=1", "sample_every=1", "final_eval.num=4", "final_eval.steps=2", "final_eval.edits=2")
+    summary = train_lib.train_and_evaluate(config, workdir)
     return workdir, summary
 
 
@@ -93,6 +95,16 @@ def test_init_from_refuses_another_model_config(finished_run, tmp_path):
     with pytest.raises(checkpoint.RunError, match=r"model.backbone.depth is 2 in the --init_from run .* but 3"):
         train_lib.prepare_run(_config("model.backbone.depth=3", f"init_from={source}"), tmp_path)
     assert not (tmp_path / "config.json").exists()  # refused before anything is written
+
+
+def test_the_run_ends_with_shapes_eval(finished_run):
+    """train -> checkpoint -> sample -> evaluate, as `python train.py` does for nano."""
+    workdir, summary = finished_run
+    saved = json.loads((workdir / "eval.json").read_text())
+    assert saved["generation"]["num_images"] == 4 and 0.0 <= saved["generation"]["all"] <= 1.0
+    assert np.isfinite(saved["vae_psnr_db"]) and saved["edit"]["num"] == 2
+    assert summary["eval"]["settings"]["steps"] == 2
+    assert (workdir / "eval_grid.png").is_file()
 
 
 def test_latent_scale_and_shift_are_measured_into_config_json(finished_run):

@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.backbone = b = ml_collections.ConfigDict()
     b.depth = 18  # number of SSM-Conv hybrid blocks
     b.dim = 512  # token width D
+    b.patch_size = 1  # latent cells per token side (DiT patchify): (h / p) x (w / p) tokens of p*p*C values
     b.head_dim = 64  # width of one attention head (cross-attention, SharedMQA, planner)
     b.ffn_expand = 3  # FFN hidden width = ffn_expand * dim
     b.ssm_expand = 2  # BiSSM inner width = ssm_expand * dim
@@ -78,11 +79,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # another run: flow/edit start from its denoiser EMA (and, with no "vae" stage, use its VAE)
     c.log_every = 50  # steps between metric lines (metrics.jsonl, TensorBoard, progress bar)
     c.checkpoint_every = 1000  # steps between checkpoints (and one at the end of each stage)
+    # Multi-host: steps between the processes' agreement on a SIGTERM (a 4-byte all-gather); a
+    # preempted run stops within this many steps, so keep steps x this under the grace period
+    c.stop_check_every = 10
     c.eval_every = 0  # steps between validation losses (val/loss, val/loss_t0.5, ...); 0: only at the end
     c.eval_batches = 2  # held-out batches (fixed noise, t in 0.1 ... 0.9) in each validation loss
     c.sample_every = 0  # steps between sample grids written to samples/<stage>_<step>.png (0: only at the end)
     c.sample_steps = 16  # Euler steps of those grids
     c.sample_cfg = 3.0  # guidance scale of those grids
+    c.sample_vae_tile = 0  # VAE decode in overlapping tiles of this many latent cells (less memory); 0: whole latent
     # ShapesEval of the finished run (held-out prompts, VAE PSNR, recolour edits; eval.json);
     # num = 0 turns it off. The same as `python -m microforge_jax.eval --workdir DIR`.
     c.final_eval = fe = ml_collections.ConfigDict()
@@ -103,7 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
     v.ema_decay = 0.999
     v.l1_weight = 1.0
     v.kl_weight = 1e-6  # small: a KL too strong blurs the VAE (seed section 9)
-    v.perceptual = "gradient"  # multi-scale image-gradient L1 (LPIPS needs VGG weights we cannot fetch)
+    # "gradient": multi-scale image-gradient L1, a substitute (LPIPS needs VGG weights we cannot fetch);
+    # "lpips": LPIPS-VGG from lpips_weights (one safetensors file; see microforge_jax/lpips.py)
+    v.perceptual = "gradient"
+    v.lpips_weights = ""  # path of the LPIPS-VGG safetensors file (python -m microforge_jax.lpips --convert ...)
     v.perceptual_weight = 0.5
     v.gan_weight = 0.1  # hinge GAN with a patch discriminator, after disc_start steps
     v.disc_start = 10_000
@@ -128,6 +136,9 @@ def get_config() -> ml_collections.ConfigDict:
     f.caption_dropout = 0.1  # the empty prompt instead of the caption, for guidance
     f.self_cond_prob = 0.5  # planner self-conditioning (RIN): share of the batch given a previous plan
     f.text_cache = True  # encode each unique caption once (frozen encoders only)
+    # Keep the frozen VAE's posterior (mean, logvar) of each training image on the host and sample from it
+    # each step: skips the encoder from the 2nd epoch of a finite dataset (the shapes world never repeats)
+    f.cache_latents = False
 
     tr.edit = e = ml_collections.ConfigDict()
     e.steps = 20_000

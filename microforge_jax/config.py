@@ -177,6 +177,7 @@ class BackboneConfig:
     latent_channels: int
     text_dim: int
     remat: bool = False  # recompute each block's activations in the backward pass (memory, not math)
+    patch_size: int = 1  # latent cells per token side (DiT patchify); 1 in runs saved before the key existed
 
     @property
     def num_heads(self) -> int:
@@ -254,6 +255,9 @@ class ModelConfig:
         f = self.vae.downsample_factor
         if f < 2 or f & (f - 1):
             raise ConfigError(f"model.vae.downsample_factor must be a power of two, got {f}")
+        p = self.backbone.patch_size
+        if p < 1:
+            raise ConfigError(f"model.backbone.patch_size must be >= 1, got {p}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         choices = {

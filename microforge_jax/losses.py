@@ -1,9 +1,12 @@
 """Losses that are not rectified flow: the VAE stage's reconstruction, perceptual and GAN terms.
 
-The perceptual term: LPIPS needs pretrained VGG weights that cannot be fetched offline, so the
-default (`train.vae.perceptual = "gradient"`) is a documented substitute: an L1 on image
-gradients (finite differences) at three scales, which penalises the blur and lost edges that L1
-alone tolerates. It is not LPIPS and is not a learned perceptual metric.
+The perceptual term (`train.vae.perceptual`):
+  - "lpips": LPIPS (VGG16, v0.1 heads; `microforge_jax.lpips`) with pretrained weights from the
+    file the user names in `train.vae.lpips_weights` (nothing is downloaded; the file is checked
+    when the VAE stage starts, before any training).
+  - "gradient" (the default, as those weights cannot be fetched offline): a documented
+    substitute, an L1 on image gradients (finite differences) at three scales, which penalises
+    the blur and lost edges that L1 alone tolerates. It is not LPIPS and not a learned metric.
 """
 
 from __future__ import annotations
@@ -36,6 +39,25 @@ def gradient_loss(x_BxHxWx3: jax.Array, y_BxHxWx3: jax.Array, scales: int = 3) -
         dy = jnp.abs((x[:, 1:] - x[:, :-1]) - (y[:, 1:] - y[:, :-1])).mean()
         total = total + dx + dy
     return total / scales
+
+
+PERCEPTUAL_KINDS: tuple[str, ...] = ("gradient", "lpips")
+
+
+def perceptual_loss_fn(kind: str, lpips_module: Any = None, lpips_params: Any = None) -> Any:
+    """The perceptual term `(recon, target) -> fp32 scalar` of `train.vae.perceptual = kind`.
+
+    For "lpips", the mean LPIPS distance under `lpips_module.apply(lpips_params, ...)`; the
+    weights are behind `stop_gradient` (frozen: the gradient reaches the images, not the VGG).
+    """
+    if kind == "gradient":
+        return gradient_loss
+    if kind == "lpips":
+        if lpips_module is None or lpips_params is None:
+            raise ValueError("perceptual='lpips' needs the LPIPS module and its weights (lpips.load_weights)")
+        frozen = jax.lax.stop_gradient(lpips_params)
+        return lambda x, y: jnp.mean(lpips_module.apply(frozen, x, y))
+    raise ValueError(f"train.vae.perceptual must be one of {', '.join(PERCEPTUAL_KINDS)}, got {kind!r}")
 
 
 class PatchDiscriminator(nn.Module):

@@ -7,8 +7,9 @@
                    jitted init with out_shardings; the Grain iterator is restored with it
     step           one pure function (train_steps) jitted once, explicit shardings, donation
     loop           progress bar; metrics pulled to the host after the next step is dispatched;
-                   metrics.jsonl + TensorBoard; checkpoints; SIGTERM saves and exits; a
-                   non-finite loss stops the run naming the step
+                   metrics.jsonl + TensorBoard; checkpoints; SIGTERM saves and exits (on
+                   several hosts, all agree on the step first); a non-finite loss stops the
+                   run naming the step
 
 A finished stage is skipped, so running `train.py` again on a run resumes it, and on a finished
 run says so. After the VAE stage the latent scale and shift are measured and written into the
@@ -234,6 +235,8 @@ def _train_loop(
     )
 
     step_jit = None
+    stopping = False  # SIGTERM: the agreed decision (all processes alike), not this host's own flag
+    stop_every = int(config.get("stop_check_every", checkpoint.STOP_CHECK_EVERY))  # .get: older runs
     logger = _Logger(workdir, stage)
     pbar = tqdm(total=hp.steps, initial=start, desc=stage, unit="step", dynamic_ncols=True, disable=jax.process_index())
     pending, t_last, s_last = None, time.perf_counter(), start
@@ -280,24 +283,30 @@ def _train_loop(
                 pending = (step + 1, metrics, skipped)
                 _periodic(step + 1, hp.steps, config, state, logger, evaluate, sample)
                 ckpt.save(step + 1, state, iterator)
-                if stop.is_set():
+                # Multi-host: every `stop_every` steps and at the last one, all processes OR their
+                # SIGTERM flags, so they stop at the same step and save it together.
+                check_at = None if step + 1 == hp.steps else step + 1
+                if checkpoint.agree_to_stop(stop.is_set(), check_at, stop_every):
+                    stopping = True
                     print(f"[{stage}] SIGTERM: saving step {step + 1} and stopping")
                     break
             if pending is not None:
                 finish(pending)
-            if not stop.is_set():
+            if not stopping:
                 _periodic(int(state["step"]), hp.steps, config, state, logger, evaluate, sample, final=True)
         if skipped and jax.process_index() == 0:
             print(f"[{stage}] skipped {skipped} unreadable images (replaced by the next readable one)")
         ckpt.save(int(state["step"]), state, iterator, force=True)
         ckpt.wait_until_finished()
+        if not stopping:  # a SIGTERM during the final evaluation or save: the stage is done, stop after it
+            stopping = checkpoint.agree_to_stop(stop.is_set())
     finally:
         pbar.close()
         logger.close()
         ckpt.close()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous_handler)
-    if stop.is_set():
+    if stopping:
         raise SystemExit(143)
     return state
 
@@ -379,8 +388,10 @@ def run_vae_stage(config, workdir: Path, mesh, rules) -> Any:
             "disc_opt_state": disc_tx.init(disc_params),
         }
 
-    spec = train_steps.VAEStep(vae, disc, tx, disc_tx, hp)
-    step_fn = lambda state, batch, rng, frozen: train_steps.vae_train_step(spec, state, batch, rng)
+    finished = checkpoint.latest_steps(workdir).get("vae", -1) >= hp.steps  # then no step runs: nothing to load
+    frozen, lpips_module = _perceptual(hp, load=not finished)  # a bad LPIPS file fails here, before any training
+    spec = train_steps.VAEStep(vae, disc, tx, disc_tx, hp, lpips=lpips_module)
+    step_fn = lambda state, batch, rng, frozen: train_steps.vae_train_step(spec, state, batch, rng, frozen)
     state = _train_loop(
         "vae",
         config,
@@ -390,11 +401,25 @@ def run_vae_stage(config, workdir: Path, mesh, rules) -> Any:
         step_fn=step_fn,
         data=_stage_data(config, "vae", hp),
         host_to_batch=lambda b: sharding.shard_batch({"image": b["image"]}, mesh, rules),
-        frozen={},
+        frozen=frozen,
         mesh=mesh,
         rules=rules,
     )
     return sharding.to_host(state["ema_params"])
+
+
+def _perceptual(hp, load: bool = True) -> tuple[dict[str, Any], Any]:
+    """The VAE stage's frozen inputs and LPIPS module: ({"lpips": weights}, LPIPS()) or ({}, None)."""
+    kind = hp.get("perceptual", "gradient")  # .get: runs saved before the key existed
+    if kind not in losses.PERCEPTUAL_KINDS:
+        raise ConfigError(f"train.vae.perceptual must be one of {', '.join(losses.PERCEPTUAL_KINDS)}, got {kind!r}")
+    if kind != "lpips" or not load:
+        return {}, None
+    from microforge_jax import lpips  # noqa: PLC0415
+
+    weights = lpips.load_weights(hp.get("lpips_weights", ""))
+    print(f"[vae] perceptual loss: LPIPS-VGG from {hp.lpips_weights}")
+    return {"lpips": weights}, lpips.LPIPS()
 
 
 def measure_latent_stats(config, vae_params, mesh, rules) -> tuple[float, float]:
@@ -464,10 +489,20 @@ def run_flow_stage(stage: str, config, workdir: Path, mesh, rules, vae_params: A
         empty = encoder.encode([""])
         frozen = {"vae": vae_params, "empty_text": Text(empty.tokens_BxMxD, empty.mask_BxM, empty.pooled_BxD)}
     cache = TextEmbeddingCache(encoder) if not trainable_text and hp.text_cache else None
+    latents = None
+    if hp.get("cache_latents", False):  # .get: the edit stage and older runs have no such key
+        from microforge_jax.latent_cache import LatentCache, vae_encoder  # noqa: PLC0415
 
-    def host_to_batch(b):
+        latents = LatentCache(vae_encoder(vae, vae_params, tuple(config.sharding.mesh_axes), rules))
+        if config.data.source == "shapes" and jax.process_index() == 0:
+            print(f"[{stage}] cache_latents: the shapes world never repeats a record, so the cache only grows")
+
+    def host_to_batch(b, cache_latents: bool = True):
         prompts = [str(s) for s in b["text"]]
         out = {"image": b["image"]}
+        if latents is not None and cache_latents:  # the frozen VAE's posterior moments instead of the image
+            mean, logvar = latents.lookup(b["image"])
+            out = {"latent_mean": mean, "latent_logvar": logvar}
         if stage == "edit":
             out.update(source=b["source"], task=b["task"])
         if trainable_text:
@@ -479,7 +514,7 @@ def run_flow_stage(stage: str, config, workdir: Path, mesh, rules, vae_params: A
 
     # ---- validation loss: fixed held-out batches and noise, the EMA params, t in VAL_TIMES
     val_iter = iter(_stage_data(config, stage, hp, split="val"))
-    val_batches = [host_to_batch(next(val_iter)) for _ in range(max(1, config.get("eval_batches", 2)))]
+    val_batches = [host_to_batch(next(val_iter), False) for _ in range(max(1, config.get("eval_batches", 2)))]
     val_fn = jax.jit(
         lambda params, batch, key, frz: train_steps.flow_val_losses(spec, params, batch, key, frz, VAL_TIMES)
     )
@@ -515,6 +550,8 @@ def run_flow_stage(stage: str, config, workdir: Path, mesh, rules, vae_params: A
         evaluate=evaluate,
         sample=sample,
     )
+    if latents is not None and jax.process_index() == 0:
+        print(f"[{stage}] latent cache: {latents.summary()}")
     return sharding.to_host(state["ema_params"])
 
 

@@ -3,8 +3,8 @@
 The train state of every stage is a dict `{"step", "params", "ema_params", "opt_state"}` (the
 VAE stage adds `"disc_params"`, `"disc_opt_state"`); for the flow and edit stages `params` is a
 dict of named models (`{"denoiser": ...}`, plus `"text"` when a SimpleTextEncoder trains
-jointly). Frozen models (the VAE in the flow stage, the empty prompt's embedding) come in as a
-separate argument the step never updates. Per-step randomness is `fold_in(rng, step)`. Metrics
+jointly). Frozen models (the VAE in the flow stage, the empty prompt's embedding, the LPIPS
+network in the VAE stage) come in as a separate argument the step never updates. Per-step randomness is `fold_in(rng, step)`. Metrics
 are a flat dict of scalars with `train/...` keys. `train_lib` jits these once with explicit
 shardings and buffer donation.
 
@@ -29,7 +29,7 @@ import optax
 from microforge_jax import flow, losses, optim
 from microforge_jax.models.denoiser import Denoiser, Text
 from microforge_jax.models.planner import plan_diversity_loss
-from microforge_jax.models.vae import DCVAE
+from microforge_jax.models.vae import DCVAE, DiagonalGaussian
 
 State = dict[str, Any]
 
@@ -97,11 +97,19 @@ class VAEStep:
     tx: optax.GradientTransformation
     disc_tx: optax.GradientTransformation
     hp: Any  # config.train.vae
+    lpips: Any = None  # an `lpips.LPIPS` module when hp.perceptual == "lpips" (its weights come in `frozen`)
 
 
-def vae_train_step(spec: VAEStep, state: State, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[State, dict]:
-    """One VAE + discriminator step (both accumulated over `hp.grad_accum` micro-batches)."""
+def vae_train_step(
+    spec: VAEStep, state: State, batch: dict[str, jax.Array], rng: jax.Array, frozen: dict[str, Any] | None = None
+) -> tuple[State, dict]:
+    """One VAE + discriminator step (both accumulated over `hp.grad_accum` micro-batches).
+
+    `frozen` holds `"lpips"` (the LPIPS VGG + heads, never updated) when `hp.perceptual` is
+    "lpips"; otherwise the perceptual term is `losses.gradient_loss` and `frozen` is unused.
+    """
     hp = spec.hp
+    perceptual_fn = losses.perceptual_loss_fn(hp.get("perceptual", "gradient"), spec.lpips, (frozen or {}).get("lpips"))
     n = int(hp.get("grad_accum", 1))
     step = state["step"]
     rng = jax.random.fold_in(rng, step)
@@ -121,7 +129,7 @@ def vae_train_step(spec: VAEStep, state: State, batch: dict[str, jax.Array], rng
             recon = recon.astype(jnp.float32)  # fp32 losses whatever the compute dtype
             l1 = jnp.mean(jnp.abs(recon - image))
             kl = jnp.mean(posterior.kl().astype(jnp.float32))
-            perceptual = losses.gradient_loss(recon, image)
+            perceptual = perceptual_fn(recon, image)
             g_adv = losses.hinge_g_loss(spec.disc.apply(disc_params, recon)) if use_gan else jnp.zeros(())
             loss = hp.l1_weight * l1 + hp.kl_weight * kl + hp.perceptual_weight * perceptual
             loss = loss + gan_on * hp.gan_weight * g_adv
@@ -192,6 +200,20 @@ def encode_latents(spec: FlowStep, vae_params: Any, image: jax.Array, rng: jax.A
     return (z - spec.latent_shift) * spec.latent_scale
 
 
+def batch_latents(spec: FlowStep, vae_params: Any, batch: dict[str, jax.Array], rng: jax.Array | None) -> jax.Array:
+    """`encode_latents` of `batch["image"]`, or the same from cached posterior moments.
+
+    With `latent_mean` / `latent_logvar` in the batch (`train.flow.cache_latents`, see
+    `latent_cache`), the posterior is rebuilt from them and sampled with the same `rng`: the
+    same z as encoding the image, without running the encoder.
+    """
+    if "latent_mean" not in batch:
+        return encode_latents(spec, vae_params, batch["image"], rng)
+    posterior = DiagonalGaussian(batch["latent_mean"].astype(jnp.float32), batch["latent_logvar"].astype(jnp.float32))
+    z = posterior.mode() if rng is None else posterior.sample(rng)
+    return (z - spec.latent_shift) * spec.latent_scale
+
+
 def _text(spec: FlowStep, params: Any, batch: dict[str, jax.Array]) -> Text:
     if spec.text_module is not None:  # SimpleTextEncoder, trained jointly
         out = spec.text_module.apply(params["text"], batch["text_ids"], batch["text_mask"])
@@ -215,7 +237,7 @@ def flow_train_step(
     r_vae, r_src, r_t, r_eps, r_drop, r_sc = jax.random.split(rng, 6)
     # Everything random is drawn for the whole batch (the frozen VAE encodes it at once, no
     # gradient), then cut into micro-batches: accumulation gives the one-batch update.
-    z0 = encode_latents(spec, frozen["vae"], batch["image"], r_vae)
+    z0 = batch_latents(spec, frozen["vae"], batch, r_vae)
     b = z0.shape[0]
     t = flow.sample_time(r_t, b, kind=hp.time_sampling, mean=hp.time_mean, std=hp.time_std, shift=hp.time_shift)
     eps = jax.random.normal(r_eps, z0.shape, jnp.float32)
@@ -225,7 +247,7 @@ def flow_train_step(
         "t": t,
         "drop": jax.random.bernoulli(r_drop, hp.caption_dropout, (b,)),
         "has_prev": jax.random.bernoulli(r_sc, hp.self_cond_prob, (b,)),
-        **{k: v for k, v in batch.items() if k not in ("image", "source", "mask")},
+        **{k: v for k, v in batch.items() if k not in ("image", "source", "mask", "latent_mean", "latent_logvar")},
     }
     if "source" in batch:
         per_example["source"] = encode_latents(spec, frozen["vae"], batch["source"], None)

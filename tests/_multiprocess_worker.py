@@ -10,11 +10,16 @@ Runs `train_lib.train_and_evaluate` the way train.py does, and records, in OUT:
 `--interleave P` (the 1-process reference run) reorders the rows of every global batch into
 the order a P-process run puts them in: process p reads records p, p+P, ... of the batch and
 the global array is the processes' parts one after another.
+
+`--sigterm-at K --sigterm-process P`: process P sends itself a real SIGTERM during its K-th
+training step (when the loop polls the stop flag), as a preemption notice that reaches one host only.
 """
 
 import argparse
 import hashlib
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,13 +36,15 @@ def main() -> int:
     parser.add_argument("--num-processes", type=int, default=None)
     parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("--interleave", type=int, default=1)
+    parser.add_argument("--sigterm-at", type=int, default=0)
+    parser.add_argument("--sigterm-process", type=int, default=0)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     out = Path(args.out)
 
     import jax
 
-    from microforge_jax import sharding, train_lib
+    from microforge_jax import checkpoint, sharding, train_lib
 
     config, workdir = train_lib.config_for_run(None, args.overrides, args.workdir)
     train_lib.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -69,6 +76,25 @@ def main() -> int:
         return state
 
     train_lib._stage_data, train_lib._train_loop = stage_data, train_loop
+    real_install = checkpoint.install_sigterm_handler
+
+    def install_sigterm_handler(ckpt):
+        event = real_install(ckpt)
+        if not args.sigterm_at or pid != args.sigterm_process:
+            return event
+        polls = {"n": 0}
+
+        class Probe:  # the loop polls `is_set()` once per step
+            def is_set(self):
+                polls["n"] += 1
+                if polls["n"] == args.sigterm_at:
+                    print(f"worker {pid}: SIGTERM to myself at step {polls['n']}", flush=True)
+                    os.kill(os.getpid(), signal.SIGTERM)  # the real handler sets the real event
+                return event.is_set()
+
+        return Probe()
+
+    checkpoint.install_sigterm_handler = install_sigterm_handler
     train_lib.train_and_evaluate(config, workdir)
     (out / f"batches_{pid}.json").write_text(json.dumps(seen))
     print(f"worker {pid}: done")

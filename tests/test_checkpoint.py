@@ -295,3 +295,11 @@ def test_sigterm_sets_the_stop_event(tmp_path):
             assert event.is_set() and ckpt.stop_requested is event
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_agree_to_stop_in_one_process_is_the_local_flag():
+    """One process: every step answers with its own flag (no collective); `every` only spaces multi-host checks."""
+    assert jax.process_count() == 1
+    for step in (1, 2, 3, None):
+        assert checkpoint.agree_to_stop(True, step, every=10) is True
+        assert checkpoint.agree_to_stop(False, step, every=10) is False

@@ -30,7 +30,7 @@ def test_config_by_path_equals_by_name():
 
 
 def test_seed_factors():
-    assert ModelConfig.from_config(load_config("nano")).vae.downsample_factor == 8
+    assert ModelConfig.from_config(load_config("nano")).vae.downsample_factor == 4
     for name in ("tiny", "small", "base"):
         assert ModelConfig.from_config(load_config(name)).vae.downsample_factor == 32
 

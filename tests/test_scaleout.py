@@ -88,13 +88,13 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
-def _wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> None:
-    """Waits for every process (one deadline); on a timeout or a failure kills every group."""
+def _wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float, expect: int = 0) -> None:
+    """Waits for every process (one deadline) to exit with `expect`; on a timeout or a failure kills every group."""
     deadline = time.monotonic() + timeout
     try:
         for proc, log in zip(procs, logs, strict=True):
             rc = proc.wait(timeout=max(deadline - time.monotonic(), 1))
-            assert rc == 0, f"{' '.join(proc.args[:3])} exited with {rc}:\n{log.read_text()[-3000:]}"
+            assert rc == expect, f"{' '.join(proc.args[:3])} exited with {rc}:\n{log.read_text()[-3000:]}"
     except subprocess.TimeoutExpired:
         pytest.fail(f"timed out after {timeout}s:\n" + "\n".join(log.read_text()[-1500:] for log in logs))
     finally:
@@ -336,6 +336,54 @@ def test_two_processes_train_like_one_process(tmp_path, relerr):
     worst = max(relerr(p0[k], r[k]) for k in keys)
     print(f"worst per-leaf normwise: {worst:.2e} ({len(r.files) - len(keys)} noise leaves left out)")
     assert worst <= 10 * TOL  # elementwise, Adam amplifies rounding in tiny gradients: per leaf is noisier
+
+
+# ----------------------------------------------------------------------------- 2b. SIGTERM to one of two processes
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """A preemption notice that reaches one host only: both processes stop and save the same step.
+
+    Process 1 signals itself during step 3; with stop_check_every=2 the processes agree at step 4,
+    save it together (no periodic checkpoints in between) and exit 143; the rerun resumes at 4.
+    """
+    n = 6
+    overrides = [*_vae_overrides(n), "sharding.mesh_shape=(4,1,1)", "checkpoint_every=100", "stop_check_every=2"]
+    # Shorter compiles (each run compiles afresh): no residual blocks, no GAN, no latent-scale pass.
+    overrides += ["model.vae.encoder_blocks=0", "model.vae.decoder_blocks=0", "train.vae.gan_weight=0"]
+    overrides += ["model.vae.scaling_factor=0.5"]
+    workdir = tmp_path / "run"
+
+    def start(tag: str, *extra: str) -> tuple[list[subprocess.Popen], list[Path]]:
+        port = _free_port()
+        procs, logs = [], []
+        for i in range(2):
+            out = tmp_path / f"{tag}{i}"
+            out.mkdir()
+            cmd = [sys.executable, str(WORKER), "--out", str(out), "--workdir", str(workdir)]
+            cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *extra]
+            logs.append(tmp_path / f"{tag}{i}.log")
+            procs.append(_start([*cmd, *overrides], 2, logs[-1], cache=False))  # no cache: see the test above
+        return procs, logs
+
+    procs, logs = start("stop", "--sigterm-at", "3", "--sigterm-process", "1")
+    _wait_all(procs, logs, timeout=240, expect=128 + signal.SIGTERM)
+    texts = [log.read_text() for log in logs]
+    assert "worker 1: SIGTERM to myself at step 3" in texts[1] and "SIGTERM to myself" not in texts[0]
+    for text in texts:
+        assert "[vae] SIGTERM: saving step 4 and stopping" in text, text[-2000:]
+        assert "Traceback" not in text
+    assert checkpoint.latest_steps(workdir) == {"vae": 4}
+    data_dir = workdir / "checkpoints" / "vae" / "4" / "data"
+    assert sorted(p.name for p in data_dir.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
+
+    procs, logs = start("resume")
+    _wait_all(procs, logs, timeout=240)
+    for log in logs:
+        assert f"[vae] restored step 4, {n - 4} steps to go" in log.read_text()
+    assert checkpoint.latest_steps(workdir) == {"vae": n}
+    assert _metrics_steps(workdir) == [1, 2, 3, 4, 5, 6]  # process 0's log: the steps before and after
 
 
 # ----------------------------------------------------------------------------- 3. kill -9, resume

@@ -287,3 +287,47 @@ def test_remat_keeps_parameter_names_and_gradients(redraw, relerr):
         return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(g)])
 
     assert relerr(grads(remat), grads(plain)) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- cached latents
+
+
+def test_cached_latents_give_the_same_losses_and_hit_from_the_second_epoch(tmp_path, redraw, capsys, monkeypatch):
+    """A folder of 16 images, batch 8: steps 3-4 are the second epoch, served from the latent cache."""
+    import jax.numpy as jnp
+    from PIL import Image
+
+    from microforge_jax.config import ModelConfig
+    from microforge_jax.models.vae import build_vae
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"picture {i}")
+    monkeypatch.setattr(train_lib, "_periodic", lambda *a, **kw: None)  # no validation loss / sample grid
+    monkeypatch.setattr(checkpoint.StageCheckpointer, "save", lambda *a, **kw: False)  # no checkpoints (seconds each)
+    base = ("data.source=folder", f"data.path={folder}", "stages=('flow',)", "train.flow.warmup_steps=0")
+    # The smallest denoiser (shorter compiles): what is tested is the latents it is given.
+    base += ("model.backbone.depth=1", "model.backbone.use_planner=False", "model.backbone.use_shared_attn=False")
+    base += ("checkpoint_every=100",)
+    losses, vae_params = {}, None
+    for cached in (False, True):
+        workdir = tmp_path / f"cached_{cached}"
+        config = train_lib.prepare_run(_config(*base, f"train.flow.cache_latents={cached}", steps=4, batch=8), workdir)
+        if vae_params is None:  # one redrawn (non-degenerate) VAE for both runs
+            vae = build_vae(ModelConfig.from_config(config))
+            image = jnp.zeros((1, 32, 32, 3))
+            vae_params = jax.device_get(redraw(jax.jit(vae.init)(jax.random.key(0), image), seed=3))
+        mesh, rules = train_lib._mesh(config)
+        train_lib.run_flow_stage("flow", config, workdir, mesh, rules, vae_params)
+        lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        losses[cached] = [r["train/loss"] for r in lines if "train/loss" in r]
+    out = capsys.readouterr().out
+    # Epoch 1 (steps 1-2): 16 images encoded; epoch 2 (steps 3-4): all 16 from the cache.
+    assert "[flow] latent cache: 16 images cached, 16/32 lookups hit" in out, out
+    assert len(losses[True]) == 4 and len(set(losses[True])) == 4
+    err = float(np.max(np.abs(np.subtract(losses[True], losses[False])) / np.abs(losses[False])))
+    print(f"\ncached vs encoded latents, flow losses: max relative difference {err:.1e}")
+    assert err <= 1e-5, (losses[True], losses[False])

@@ -46,6 +46,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=25, help="sampling steps (--workdir)")
     p.add_argument("--cfg", type=float, default=4.0, help="guidance scale (--workdir)")
     p.add_argument("--edits", type=int, default=64, help="recolour edits to score (--workdir; 0: none)")
+    p.add_argument(
+        "--sampler", choices=("euler", "consistency"), default=None,
+        help="step rule (--workdir); default: consistency at <= 4 steps for a consistency-distilled run, else euler",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -100,12 +104,17 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
         if args.steps < 1:
             raise InputError(f"--steps must be at least 1, got {args.steps}")
+        # With --out the report goes there (eval.json and the grid are left as they are).
         result = model_eval.evaluate_run(
             args.workdir, num=200 if args.num is None else args.num, steps=args.steps, cfg=args.cfg,
-            seed=args.seed, edits=args.edits, split=args.split,
+            seed=args.seed, edits=args.edits, split=args.split, sampler=args.sampler, write=args.out is None,
         )  # fmt: skip
         print(model_eval.format_result(result))
-        print(f"wrote {args.workdir / 'eval.json'}")
+        target = args.workdir / "eval.json" if args.out is None else args.out
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {target}")
         return None
     if args.dump_prompts is not None:
         num = 200 if args.num is None else args.num

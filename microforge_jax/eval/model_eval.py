@@ -30,12 +30,14 @@ from microforge_jax.eval import shapes_eval
 FULL_TEMPLATES = (0, 1, 4, 5, 6)
 
 
-def _generation(pipe, num: int, steps: int, cfg: float, seed: int, split: str, batch: int) -> dict[str, Any]:
+def _generation(
+    pipe, num: int, steps: int, cfg: float, seed: int, split: str, batch: int, sampler: str | None = None
+) -> dict[str, Any]:
     scenes = [scene_for_index(i, split) for i in range(num)]
     captions = [caption_for(s, FULL_TEMPLATES[i % len(FULL_TEMPLATES)]) for i, s in enumerate(scenes)]
     images = []
     for i in range(0, num, batch):
-        images.append(pipe.generate(captions[i : i + batch], steps=steps, cfg=cfg, seed=seed + i))
+        images.append(pipe.generate(captions[i : i + batch], steps=steps, cfg=cfg, seed=seed + i, sampler=sampler))
     images = np.concatenate(images)
     report = shapes_eval.evaluate(images, scenes)
     report.pop("per_image")
@@ -57,7 +59,9 @@ def _vae_psnr(pipe, num: int, split: str) -> float:
     return float(np.mean([shapes_eval.psnr(a, b) for a, b in zip(images, recon, strict=True)]))
 
 
-def _recolour_edits(pipe, num: int, steps: int, cfg: float, seed: int, split: str) -> dict[str, Any]:
+def _recolour_edits(
+    pipe, num: int, steps: int, cfg: float, seed: int, split: str, sampler: str | None = None
+) -> dict[str, Any]:
     size = int(pipe.config.image_size)
     records, i = [], 0
     while len(records) < num and i < 50 * num:
@@ -69,7 +73,8 @@ def _recolour_edits(pipe, num: int, steps: int, cfg: float, seed: int, split: st
     for j in range(0, len(records), 32):
         chunk = records[j : j + 32]
         sources = np.stack([r["source"] for r in chunk])
-        edited = pipe.edit(sources, [str(r["text"]) for r in chunk], steps=steps, cfg=cfg, seed=seed + j)
+        texts = [str(r["text"]) for r in chunk]
+        edited = pipe.edit(sources, texts, steps=steps, cfg=cfg, seed=seed + j, sampler=sampler)
         for r, out in zip(chunk, edited, strict=True):
             results.append(shapes_eval.evaluate_edit(r["source"], out, scene_from_json(str(r["scene"])), r["mask"]))
     return {
@@ -94,8 +99,12 @@ def evaluate_run(
     split: str = "heldout",
     batch: int = 32,
     write: bool = True,
+    sampler: str | None = None,
 ) -> dict[str, Any]:
     """Evaluates a run (see the module docstring); writes `<workdir>/eval.json` and a sample grid.
+
+    `sampler` ("euler" or "consistency") picks the step rule; None: the pipeline's default (the
+    consistency sampler at <= 4 steps for a consistency-distilled run, Euler otherwise).
 
     Returns:
       {"generation": report, "vae_psnr_db": float, "edit": {...}, "settings": {...}, "seconds": float}.
@@ -105,14 +114,15 @@ def evaluate_run(
     t0 = time.perf_counter()
     workdir = Path(workdir)
     pipe = MicroForgePipeline.from_run(workdir)
-    gen = _generation(pipe, num, steps, cfg, seed, split, batch)
+    gen = _generation(pipe, num, steps, cfg, seed, split, batch, sampler)
+    settings = {"num": num, "steps": steps, "cfg": cfg, "seed": seed, "split": split, "edits": edits}
     result: dict[str, Any] = {
-        "settings": {"num": num, "steps": steps, "cfg": cfg, "seed": seed, "split": split, "edits": edits},
+        "settings": {**settings, "sampler": pipe.resolve_sampler(sampler, steps)},
         "generation": gen["report"],
         "vae_psnr_db": _vae_psnr(pipe, min(num, 128), split),
     }
     has_edit = (workdir / "checkpoints" / "edit").is_dir()
-    result["edit"] = _recolour_edits(pipe, edits, steps, cfg, seed, split) if has_edit and edits else None
+    result["edit"] = _recolour_edits(pipe, edits, steps, cfg, seed, split, sampler) if has_edit and edits else None
     result["seconds"] = time.perf_counter() - t0
     if write:
         (workdir / "eval.json").write_text(json.dumps(result, indent=2))
@@ -127,7 +137,8 @@ def format_result(result: dict[str, Any]) -> str:
     """Tables of a run's evaluation."""
     s = result["settings"]
     lines = [
-        f"Generation on {s['split']} prompts ({s['num']} prompts, {s['steps']} steps, guidance {s['cfg']}):",
+        f"Generation on {s['split']} prompts ({s['num']} prompts, {s['steps']} {s.get('sampler', 'euler')} steps, "
+        f"guidance {s['cfg']}):",
         shapes_eval.format_table(result["generation"]),
         "",
         f"VAE reconstruction PSNR ({s['split']} scenes): {result['vae_psnr_db']:.2f} dB",

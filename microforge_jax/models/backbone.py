@@ -28,6 +28,7 @@ from microforge_jax import axes
 from microforge_jax.config import BackboneConfig
 from microforge_jax.models import layers
 from microforge_jax.models.ssm import BiSSM
+from microforge_jax.models.vae import pixel_shuffle, pixel_unshuffle
 
 Dtype = Any
 NUM_TASKS = 4  # generate, edit, inpaint, sr
@@ -120,6 +121,11 @@ class Backbone(nn.Module):
             raise ValueError(
                 f"backbone expects a latent of shape (batch, h, w, {cfg.latent_channels}), got {tuple(z.shape)}"
             )
+        p = cfg.patch_size
+        if z.shape[1] % p or z.shape[2] % p:
+            raise ValueError(
+                f"latent height and width must be multiples of model.backbone.patch_size={p}, got {z.shape[1]}x{z.shape[2]}"
+            )
         if source is not None and source.shape != z.shape:
             raise ValueError(f"source latent shape {tuple(source.shape)} must equal the target's {tuple(z.shape)}")
         b = z.shape[0]
@@ -162,18 +168,19 @@ class Backbone(nn.Module):
         cfg = self.cfg
         self._check(z_BxhxwxC, text_BxMxE, text_mask_BxM, pooled_BxE, plan_BxKxD, source_BxhxwxC, task_B)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        b, h, w, _ = z_BxhxwxC.shape
-        d = cfg.dim
+        b, h, w, c = z_BxhxwxC.shape
+        d, p = cfg.dim, cfg.patch_size
         task_B = jnp.zeros((b,), jnp.int32) if task_B is None else task_B
 
-        # ---- tokens: [target | source] on one grid, segment embeddings, 2-D positions
+        # ---- tokens: p x p patches of latent cells, [target | source] on one grid, segment
+        # embeddings, 2-D positions. Patches flatten in PyTorch's pixel_unshuffle order.
         patch = layers.dense(d, (None, axes.EMBED), name="patch_embed", **kw)
         segment = layers.param(self, "segment_embed", _init_tokens, (2, d), (None, axes.EMBED), self.param_dtype)
-        x = patch(z_BxhxwxC.astype(self.dtype)) + segment[0].astype(self.dtype)
+        x = patch(pixel_unshuffle(z_BxhxwxC.astype(self.dtype), p)) + segment[0].astype(self.dtype)
         if source_BxhxwxC is not None:
-            src = patch(source_BxhxwxC.astype(self.dtype)) + segment[1].astype(self.dtype)
+            src = patch(pixel_unshuffle(source_BxhxwxC.astype(self.dtype), p)) + segment[1].astype(self.dtype)
             x = jnp.concatenate([x, src], axis=2)
-        grid_hw = (h, x.shape[2])
+        grid_hw = (h // p, x.shape[2])
         x = x.reshape(b, grid_hw[0] * grid_hw[1], d)
         if cfg.pos_embed == "sincos":
             x = x + layers.sincos_2d(*grid_hw, d).astype(self.dtype)[None]
@@ -217,6 +224,6 @@ class Backbone(nn.Module):
         final = layers.dense(2 * d, (axes.EMBED, axes.MLP), kernel_init=layers.zeros, name="final_adaln", **kw)
         shift, scale = jnp.split(final(silu_cond), 2, axis=-1)
         x = modulate(_ln("final_norm", **kw)(x), shift, scale)
-        v = layers.dense(cfg.latent_channels, (axes.EMBED, None), kernel_init=layers.zeros, name="proj_out", **kw)(x)
-        v = v.reshape(b, grid_hw[0], grid_hw[1], cfg.latent_channels)[:, :, :w]
-        return v.astype(jnp.float32)
+        v = layers.dense(c * p * p, (axes.EMBED, None), kernel_init=layers.zeros, name="proj_out", **kw)(x)
+        v = v.reshape(b, grid_hw[0], grid_hw[1], c * p * p)[:, :, : w // p]
+        return pixel_shuffle(v, p).astype(jnp.float32)

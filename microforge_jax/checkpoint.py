@@ -62,6 +62,8 @@ DATA_ITEM = "data"
 # Model keys measured by training and written back into config.json: a resumed run's requested
 # config still holds the defaults, so these may differ without meaning "another model".
 MEASURED_KEYS: frozenset[str] = frozenset({"model.vae.scaling_factor", "model.vae.shift_factor"})
+# Model keys added after runs were saved without them, with the value those runs had.
+ADDED_KEYS: dict[str, Any] = {"model.backbone.patch_size": 1}
 
 
 class RunError(ValueError):
@@ -176,7 +178,7 @@ def check_compatible(
     for key in list(b) + [k for k in a if k not in b]:
         if key in MEASURED_KEYS:
             continue
-        old, new = a.get(key, missing), b.get(key, missing)
+        old, new = a.get(key, ADDED_KEYS.get(key, missing)), b.get(key, missing)
         if old != new:
             show = lambda v: "absent" if v is missing else repr(v)
             raise RunError(

@@ -242,6 +242,18 @@ def test_real_config_round_trip(tmp_path):
         checkpoint.check_compatible(back, load_config("nano", ["model.backbone.depth=2"]))
 
 
+def test_a_run_saved_before_a_key_existed_resumes_with_its_old_value():
+    from microforge_jax.config import ModelConfig, load_config
+
+    old = load_config("nano", ["model.backbone.patch_size=1"])
+    with old.unlocked():
+        del old.model.backbone["patch_size"]  # config.json of a run saved before patch_size existed
+    assert ModelConfig.from_config(old).backbone.patch_size == 1
+    checkpoint.check_compatible(old, load_config("nano", ["model.backbone.patch_size=1"]))
+    with pytest.raises(RunError, match="patch_size is 1 in the saved run but 2"):
+        checkpoint.check_compatible(old, load_config("nano"))
+
+
 def test_run_config_round_trip_is_atomic(tmp_path):
     config = _config()
     path = checkpoint.save_run_config(tmp_path, config)

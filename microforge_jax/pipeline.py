@@ -292,6 +292,7 @@ class MicroForgePipeline:
                 batch_sharding=self.batch_sharding,
                 step_fn=step_fn,
                 stochastic=stochastic,
+                vae_tile=int(self.config.get("sample_vae_tile", 0)),
             )
             self._compiled[key] = fn.lower(*args).compile()
         t1 = time.perf_counter()

@@ -23,6 +23,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 
 from microforge_jax import axes
@@ -235,3 +236,101 @@ class DCVAE(nn.Module):
 def build_vae(cfg, dtype: Dtype | None = None) -> DCVAE:
     """The VAE of a `ModelConfig`."""
     return DCVAE(cfg.vae, dtype=jnp.dtype(dtype or cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+# ----------------------------------------------------------------------------- tiled decode
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of the fewest tiles of `tile` cells covering `size`, neighbours sharing >= `overlap`.
+
+    The starts are spread evenly (so every overlap is about the same); one tile when `tile >= size`.
+    """
+    if tile >= size:
+        return [0]
+    if not 0 <= overlap < tile:
+        raise ValueError(f"the tile overlap must be in [0, {tile}), got {overlap}")
+    n = 1 + -(-(size - tile) // (tile - overlap))
+    return [round(k * (size - tile) / (n - 1)) for k in range(n)]
+
+
+def blend_weights(starts: list[int], tile: int, size: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """1-D blending weights in pixels: per tile (num_tiles, tile * factor) and their sum over tiles (size * factor,).
+
+    A tile's weight is a trapezoid: 1 except where it overlaps a neighbour, where it ramps linearly
+    (`(k + 0.5) / overlap_px`) towards its edge. Outside overlaps the pixel has one tile of weight 1.
+    """
+    n = tile * factor
+    k = np.arange(n, dtype=np.float64) + 0.5
+    ws, total = [], np.zeros(size * factor)
+    for i, s in enumerate(starts):
+        w = np.ones(n)
+        if i > 0:
+            ov = (starts[i - 1] + tile - s) * factor
+            w = np.minimum(w, k / ov) if ov > 0 else w
+        if i + 1 < len(starts):
+            ov = (s + tile - starts[i + 1]) * factor
+            w = np.minimum(w, (n - k) / ov) if ov > 0 else w
+        ws.append(w)
+        total[s * factor : s * factor + n] += w
+    return np.stack(ws).astype(np.float32), total.astype(np.float32)
+
+
+def decode_tiled(vae: nn.Module, variables, z_BxhxwxC: jax.Array, tile: int, overlap: int = 2, decode_fn=None):
+    """VAE decode in overlapping latent tiles, blended linearly: the peak memory of one tile's decode.
+
+    Tiles of `tile` x `tile` latent cells (evenly spread, neighbours overlapping by >= `overlap`
+    cells) are decoded one after another inside a `lax.scan` (so one tile's activations are alive at
+    a time), weighted by separable trapezoids that ramp linearly across each overlap, summed and
+    divided by the summed weights. `tile <= 0` or a tile covering the latent is `vae.decode` itself.
+
+    Not exact in general: the decoder's GroupNorms normalise over the whole (tile) image and its
+    convs zero-pad at a tile's border, so a tile's pixels differ from the untiled decode's (see
+    `tests/test_bench_parts.py`); with a spatially local decoder the result equals the untiled decode
+    exactly away from the overlaps.
+
+    Args:
+      vae: the DCVAE (any module whose `decode` maps (B, t, t, C) -> (B, t f, t f, 3)).
+      variables: its variables (`{"params": ...}`).
+      z_BxhxwxC: the latent.
+      tile: tile side in latent cells (<= 0: untiled).
+      overlap: minimum overlap of neighbouring tiles in latent cells.
+      decode_fn: `(variables, z) -> image` override (default `vae.apply(..., method="decode")`).
+
+    Returns:
+      (B, h f, w f, 3) fp32.
+    """
+    decode = decode_fn or (lambda v, z: vae.apply(v, z, method="decode"))
+    b, h, w, c = z_BxhxwxC.shape
+    if tile <= 0 or (tile >= h and tile >= w):
+        return decode(variables, z_BxhxwxC).astype(jnp.float32)
+    th, tw = min(tile, h), min(tile, w)
+    rows, cols = tile_starts(h, th, min(overlap, th - 1)), tile_starts(w, tw, min(overlap, tw - 1))
+    out = jax.eval_shape(lambda z: decode(variables, z), jax.ShapeDtypeStruct((b, th, tw, c), z_BxhxwxC.dtype))
+    f = out.shape[1] // th
+    (wr, tr), (wc, tc) = blend_weights(rows, th, h, f), blend_weights(cols, tw, w, f)
+    ri, ci = (x.reshape(-1) for x in np.meshgrid(np.arange(len(rows)), np.arange(len(cols)), indexing="ij"))
+    xs = (
+        jnp.asarray(np.asarray(rows)[ri] * f),
+        jnp.asarray(np.asarray(cols)[ci] * f),
+        jnp.asarray(wr[ri]),
+        jnp.asarray(wc[ci]),
+    )
+
+    used = variables
+    if isinstance(variables, dict) and "decoder" in variables.get("params", {}):
+        used = {"params": {"decoder": variables["params"]["decoder"]}}  # the encoder's are not needed
+
+    def body(acc, x):
+        r0, c0, w_r, w_c = x
+        zt = jax.lax.dynamic_slice(z_BxhxwxC, (0, r0 // f, c0 // f, 0), (b, th, tw, c))
+        # Tied to the tile, the weights stay loop-variant: XLA would otherwise hoist their casts
+        # (CPU computes bf16 convs in fp32) out of the loop and keep fp32 copies alive throughout.
+        tile_vars, zt = jax.lax.optimization_barrier((used, zt))
+        img = decode(tile_vars, zt).astype(jnp.float32) * (w_r[:, None] * w_c[None, :])[None, :, :, None]
+        cur = jax.lax.dynamic_slice(acc, (0, r0, c0, 0), img.shape)
+        return jax.lax.dynamic_update_slice(acc, cur + img, (0, r0, c0, 0)), None
+
+    acc = jnp.zeros((b, h * f, w * f, out.shape[-1]), jnp.float32)
+    acc = jax.lax.scan(body, acc, xs)[0]
+    return acc / jnp.asarray(tr[:, None] * tc[None, :])[None, :, :, None]

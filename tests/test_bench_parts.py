@@ -1,0 +1,172 @@
+"""The BiSSM floor counts, the benchmark modules' `rows()`, and the tiled VAE decode."""
+
+from __future__ import annotations
+
+import argparse
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from microforge_jax.bench import bissm, memory
+from microforge_jax.config import ModelConfig, load_config
+from microforge_jax.models import vae as vae_lib
+
+
+def _args(module, argv):
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- floor counts
+
+
+def test_scan_counts_follow_the_hand_formulas():
+    bt, length, d, n = 2, 3, 4, 5
+    fwd = bissm.scan_counts(bt, length, d, n, backward=False)
+    assert fwd == {"bytes": 4 * 2 * 3 * (3 * 4 + 2 * 5), "flops": 2 * 3 * 4 * (6 * 5 + 3), "exps": 2 * 3 * 4 * 5}
+    both = bissm.scan_counts(bt, length, d, n, backward=True)
+    assert both == {
+        "bytes": 4 * 2 * 3 * (8 * 4 + 6 * 5),
+        "flops": 2 * 3 * 4 * ((6 * 5 + 3) + (19 * 5 + 4)),
+        "exps": 2 * 2 * 3 * 4 * 5,
+    }
+    # The forward bytes are exactly the scan's inputs read (u, delta, B, C) and its output written.
+    from microforge_jax.models.scan import selective_scan
+
+    args = [jnp.asarray(x) for x in bissm.scan_inputs(bt, length, d, n)]
+    out = jax.eval_shape(lambda *a: selective_scan(*a, impl="sequential"), *args)
+    io = sum(x.size * 4 for x in (args[0], args[1], args[3], args[4])) + out.size * 4
+    assert fwd["bytes"] == io
+
+
+def test_layer_counts_add_the_dense_work_and_floors_divide_by_rates():
+    b, length, dim, inner, n, rank, k = 1, 4, 8, 16, 2, 1, 3
+    c = bissm.layer_counts(b, length, dim, inner, n, rank, k, backward=False)
+    macs = dim * 2 * inner + inner * dim + 2 * (inner * (rank + 2 * n) + rank * inner + k * k * inner)
+    assert c["dense_flops"] == 2 * macs * b * length
+    assert c["flops"] == bissm.scan_counts(2 * b, length, inner, n, False)["flops"] + 2 * macs * b * length
+    assert bissm.layer_counts(b, length, dim, inner, n, rank, k, backward=True)["dense_flops"] == 3 * c["dense_flops"]
+    fl = bissm.floors({"bytes": 2e9, "flops": 3e9, "exps": 4e9}, {"bandwidth": 1e9, "matmul": 1e9, "exp": 2e9})
+    assert fl == {"bytes_ms": 2000.0, "flops_ms": 3000.0, "exp_ms": 2000.0}
+    assert bissm.materialised_bytes("chunked", 4, 64, 8, 2, True) == 0
+    assert bissm.materialised_bytes("sequential", 4, 64, 8, 2, True) == 2 * 4 * 4 * 64 * 8 * 2
+
+
+# ----------------------------------------------------------------------------- rows()
+
+
+def test_bissm_rows_run_on_a_tiny_case(monkeypatch):
+    for name, value in [("EXP_REPS", 2), ("EXP_BLOCK", 2**12), ("RATE_N", 2**16), ("MATMUL_N", 64)]:
+        monkeypatch.setattr(bissm, name, value)
+    args = _args(
+        bissm,
+        ["--bissm-lengths", "16", "--bissm-batch", "1", "--bissm-repeats", "1", "--bissm-budget-s", "0"]
+        + ["--bissm-forms", "sequential,torch", "--bissm-modes", "fwd,fwd+bwd", "--bissm-what", "scan"],
+    )
+    rows = bissm.rows(args)
+    keys = {"part", "case", "impl", "median_ms", "compile_s", "ratio", "note"}
+    assert all(keys <= set(r) for r in rows)
+    timed = [r for r in rows if r["median_ms"] is not None]
+    assert len(timed) == 2 * 2 and all(r["median_ms"] > 0 and r["ratio"].endswith("x floor") for r in timed)
+    assert {r["impl"] for r in timed} == {"jax sequential [default]", "torch chunked (T=8) [default]"}
+    assert "| scan | 16 | fwd |" in bissm.markdown(rows)
+
+
+def test_memory_rows_run_on_a_tiny_case():
+    argv = ["--memory-configs", "nano", "--memory-size", "64", "--memory-steps", "1", "--memory-vae-tile", "0,16"]
+    rows = memory.rows(_args(memory, argv))
+    assert [r["impl"] for r in rows] == ["untiled decode"]  # a tile covering the 16x16 latent: the same graph
+    for r in rows:
+        assert r["part"] == "memory" and r["median_ms"] is None and r["peak_mb"] > r["argument_mb"] > 0
+    assert "| nano 64px" in memory.markdown(rows)
+
+
+# ----------------------------------------------------------------------------- tiled decode
+
+
+def test_tile_starts_and_weights_cover_the_latent():
+    assert vae_lib.tile_starts(8, 8, 2) == [0] and vae_lib.tile_starts(8, 16, 2) == [0]
+    for size, tile, overlap in [(16, 8, 2), (16, 6, 2), (10, 4, 1), (9, 8, 2)]:
+        starts = vae_lib.tile_starts(size, tile, overlap)
+        assert starts[0] == 0 and starts[-1] == size - tile
+        assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+        w, total = vae_lib.blend_weights(starts, tile, size, 4)
+        assert w.shape == (len(starts), tile * 4) and (w > 0).all() and (total > 0).all()
+
+
+class _LocalDecoder(nn.Module):
+    """A spatially local stand-in for the VAE decoder: per-cell dense -> pixel shuffle (factor 4)."""
+
+    @nn.compact
+    def __call__(self, z):
+        return vae_lib.pixel_shuffle(nn.Dense(3 * 16)(z), 4)
+
+    def decode(self, z):
+        return self(z)
+
+
+def test_tiled_decode_of_a_local_decoder_is_exact_away_from_overlaps():
+    model = _LocalDecoder()
+    z = jax.random.normal(jax.random.key(0), (2, 10, 7, 5))
+    variables = model.init(jax.random.key(1), z)
+    full = np.asarray(model.apply(variables, z, method="decode"))
+    tiled = np.asarray(jax.jit(lambda v, z: vae_lib.decode_tiled(model, v, z, 4, overlap=1))(variables, z))
+    assert full.std() > 0
+    rows, cols = vae_lib.tile_starts(10, 4, 1), vae_lib.tile_starts(7, 4, 1)
+    seam = lambda starts, size: np.repeat(np.bincount(
+        np.concatenate([np.arange(s, s + 4) for s in starts]), minlength=size) > 1, 4)  # fmt: skip
+    r_seam, c_seam = seam(rows, 10), seam(cols, 7)
+    assert r_seam.any() and c_seam.any()
+    away = ~(r_seam[:, None] | c_seam[None, :])
+    np.testing.assert_array_equal(tiled[:, away], full[:, away])
+    np.testing.assert_allclose(tiled, full, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def nano_vae(redraw):
+    cfg = ModelConfig.from_config(load_config("nano"))
+    model = vae_lib.build_vae(cfg)
+    f = cfg.vae.downsample_factor
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, f, f, 3)))["params"]
+    return cfg, model, {"params": redraw(params, seed=3)}
+
+
+def test_tiled_decode_of_the_vae(nano_vae, relerr):
+    cfg, model, variables = nano_vae
+    z = jax.random.normal(jax.random.key(2), (1, 8, 8, cfg.latent_channels))
+    full = jax.jit(lambda v, z: model.apply(v, z, method="decode"))(variables, z)
+    assert float(full.std()) > 0
+    # A tile covering the latent is the untiled graph itself: exactly equal.
+    whole = jax.jit(lambda v, z: vae_lib.decode_tiled(model, v, z, 8))(variables, z)
+    np.testing.assert_array_equal(np.asarray(whole), np.asarray(full))
+    # Smaller tiles: per-tile GroupNorm statistics and border padding shift pixels a little.
+    tiled = jax.jit(lambda v, z: vae_lib.decode_tiled(model, v, z, 6, overlap=2))(variables, z)
+    assert tiled.shape == full.shape and bool(jnp.all(jnp.isfinite(tiled)))
+    assert relerr(tiled, full) < 0.25
+
+
+def test_sampler_vae_tile_option(nano_vae):
+    from microforge_jax import sampling
+
+    cfg, _, _ = nano_vae
+    calls = []
+
+    class Recorder(vae_lib.DCVAE):
+        def decode(self, z):
+            calls.append(z.shape[1:3])
+            return super().decode(z)
+
+    params = memory.abstract_params(cfg, 8 * cfg.vae.downsample_factor, dtype=jnp.float32)
+    text = memory.abstract_text(cfg, 1)
+    z = jax.ShapeDtypeStruct((1, 8, 8, cfg.latent_channels), jnp.float32)
+    for tile, decoded in [(0, (8, 8)), (4, (4, 4))]:
+        calls.clear()
+        fn = sampling.make_sampler(cfg, 1, guidance=False, vae=Recorder(cfg.vae), vae_tile=tile)
+        out = jax.eval_shape(lambda p, t, z, fn=fn: fn(p, t, None, z, 1.0), params, text, z)
+        f = cfg.vae.downsample_factor
+        assert out.images_BxHxWx3.shape == (1, 8 * f, 8 * f, 3)
+        assert calls and set(calls) == {decoded}

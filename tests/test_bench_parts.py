@@ -72,7 +72,7 @@ def test_bissm_rows_run_on_a_tiny_case(monkeypatch):
     assert all(keys <= set(r) for r in rows)
     timed = [r for r in rows if r["median_ms"] is not None]
     assert len(timed) == 2 * 2 and all(r["median_ms"] > 0 and r["ratio"].endswith("x floor") for r in timed)
-    assert {r["impl"] for r in timed} == {"jax sequential [default]", "torch chunked (T=8) [default]"}
+    assert {r["impl"] for r in timed} == {"jax sequential [default]", "torch loop [default]"}
     assert "| scan | 16 | fwd |" in bissm.markdown(rows)
 
 

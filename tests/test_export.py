@@ -43,6 +43,7 @@ TINY = [
     "model.text.embed_dim=48",
     "model.vae.channels=(8,16)",
     "model.vae.downsample_factor=4",
+    "model.backbone.patch_size=1",  # nano's 2 has its own test (test_patchified_backbone_parity_with_source)
     "model.vae.scaling_factor=0.5",  # a non-trivial latent normalisation
     "model.vae.shift_factor=0.2",
     "model.text.encoder=simple",
@@ -144,7 +145,9 @@ def torch_text(text_: Text) -> tuple[torch.Tensor, ...]:
 
 
 @pytest.mark.parametrize("length,chunk", [(24, 8), (37, 8), (5, 16), (300, 32)])
-def test_chunked_scan_equals_sequential_reference(length, chunk, relerr):
+@pytest.mark.parametrize("form", ["static", "eager"])
+def test_chunked_scan_equals_sequential_reference(form, length, chunk, relerr):
+    """The export form (chunks of T) and the eager loop (blocks of T): values and gradients vs the plain loop."""
     g = torch.Generator().manual_seed(length)
     bt, e, n = 3, 12, 16
     u = torch.randn(bt, length, e, generator=g)
@@ -152,12 +155,60 @@ def test_chunked_scan_equals_sequential_reference(length, chunk, relerr):
     a_log = torch.log(torch.arange(1, n + 1.0)) + 0.3 * torch.randn(bt, e, n, generator=g)
     b_, c_ = torch.randn(bt, length, n, generator=g), torch.randn(bt, length, n, generator=g)
     d_ = torch.randn(e, generator=g)
-    y = tm.selective_scan(u, delta, -torch.exp(a_log), b_, c_, d_, chunk=chunk)
-    ref = tm.selective_scan_reference(u, delta, -torch.exp(a_log), b_, c_, d_)
+    if length == 37:  # A shared by the rows, as (E, N): its gradient sums over them
+        a_log = a_log[0]
+    inputs = (u, delta, -torch.exp(a_log), b_, c_, d_)
+    if form == "static":
+        scan = lambda *a: tm.selective_scan_static(*a, chunk=chunk)
+    else:
+        scan = lambda *a: tm.selective_scan(*a, block=chunk)
+    cotangent = torch.randn(bt, length, e, generator=g)
+
+    def value_and_grads(fn):
+        xs = [x.clone().requires_grad_(True) for x in inputs]
+        y = fn(*xs)
+        (y * cotangent).sum().backward()
+        return y.detach(), [x.grad for x in xs]
+
+    y, grads = value_and_grads(scan)
+    ref, ref_grads = value_and_grads(tm.selective_scan_reference)
     spread(ref)
-    err = relerr(y.numpy(), ref.numpy())
-    print(f"scan L={length} chunk={chunk}: {err:.1e}")
-    assert err <= TOL
+    with torch.no_grad():  # inference keeps only a block of states
+        y_inference = scan(*inputs)
+    errs = [relerr(a.numpy(), b.numpy()) for a, b in zip([y, y_inference, *grads], [ref, ref, *ref_grads])]
+    print(
+        f"scan {form} L={length} T={chunk}: y, y (no grad), du, ddelta, dA, dB, dC, dD "
+        + " ".join(f"{x:.1e}" for x in errs)
+    )
+    assert max(errs) <= TOL
+
+
+def test_bissm_runs_the_loop_eagerly_and_the_static_scan_when_traced(monkeypatch):
+    """Eager: the fast loop; under torch.export (the ONNX dynamo exporter) or jit.trace: the static form."""
+    bb = {
+        "dim": 8,
+        "ssm_expand": 2,
+        "ssm_state": 4,
+        "dt_rank": 0,
+        "use_dwconv": True,
+        "scan_chunk": 4,
+        "conv_kernel": 3,
+    }
+    layer, x = tm.BiSSM(bb, layer_index=1).eval(), torch.randn(2, 12, 8)
+    calls = []
+    for name in ("selective_scan", "selective_scan_static"):
+        fn = getattr(tm, name)
+        monkeypatch.setattr(tm, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    with torch.no_grad():
+        y = layer(x, (3, 4))
+        assert calls == ["selective_scan"]
+        program = torch.export.export(layer, (x, (3, 4)))
+        assert calls[1:] == ["selective_scan_static"]
+        layer.requires_grad_(False)  # jit.trace (the fallback ONNX exporter) keeps the weights as constants
+        traced = torch.jit.trace(lambda x: layer(x, (3, 4)), (x,), check_trace=False)
+        assert calls[2:] == ["selective_scan_static"]
+        for y_traced in (program.module()(x, (3, 4)), traced(x)):
+            np.testing.assert_allclose(y_traced.numpy(), y.numpy(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("hw", [(4, 6), (5, 3), (4, 12)])
@@ -247,6 +298,33 @@ def test_ablated_denoisers_match(ablation, redraw, text, relerr):
     assert (plan_t is None) == (plan_j is None)
     err = relerr(nhwc(v_t), v_j)
     print(f"denoiser velocity ({ablation}): {err:.1e}")
+    assert err <= TOL
+
+
+def test_patchified_backbone_parity_with_source(redraw, text, relerr):
+    """patch_size=2: 2x2 latent cells per token (PyTorch pixel_unshuffle order), with a source grid."""
+    cfg = ModelConfig.from_config(load_config("nano", TINY + ["model.backbone.patch_size=2"]))
+    den = build_denoiser(cfg)
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((B, H // 4, W // 4, C)).astype(np.float32)  # 4x6 cells -> 2x3 tokens
+    source = rng.standard_normal(z.shape).astype(np.float32)
+    plan = rng.standard_normal((B, K, D)).astype(np.float32)
+    tt, task_b = np.array([0.3, 0.8], np.float32), np.array([1, 2], np.int32)
+    dparams = abstract_init(
+        lambda: den.init(jax.random.key(0), z, tt, text[0], prev_plan_BxKxD=jnp.zeros((B, K, D))), 6, redraw
+    )
+    assert dparams["backbone"]["patch_embed"]["kernel"].shape == (4 * C, D)
+    fn = jax.jit(lambda p, *a: den.apply({"params": p}, *a, method="velocity"))
+    v_j = fn(dparams, z, tt, text[0], plan, task_b, source)
+    spread(v_j)
+    assert v_j.shape == z.shape
+    m = tm.Denoiser(dataclasses.asdict(cfg)).eval()
+    state = convert.jax_to_torch({"d": dparams}, torch.nn.ModuleDict({"d": m}))
+    m.load_state_dict({k.removeprefix("d."): v for k, v in state.items()}, strict=True)
+    with torch.no_grad():
+        v_t = m.backbone(nchw(z), t(tt), *torch_text(text[0]), t(plan), t(task_b), nchw(source))
+    err = relerr(nhwc(v_t), v_j)
+    print(f"backbone velocity (patch 2, edit): {err:.1e}")
     assert err <= TOL
 
 

@@ -7,9 +7,9 @@
 tiny's width (dim 256 -> inner 512, N = 16, dt rank 16, 3x3 depthwise conv), batch `--bissm-batch`
 (2 by default; the scan sees 2 x batch rows, both directions stacked), L tokens on a square grid.
 Forms: JAX `associative`, `chunked` (chunk 8, the config default) and `sequential` (what `auto`
-picks on CPU), and the PyTorch mirror (`export/torch_model.py`: its static chunked closed form,
-chunk 8, the only form it has). Forward, and forward + backward of sum(y^2) w.r.t. the inputs (and
-the layer's parameters).
+picks on CPU), and the PyTorch mirror (`export/torch_model.py`: its eager form, a loop over tokens
+in blocks with a hand-written backward; the static chunked form is only for export). Forward, and
+forward + backward of sum(y^2) w.r.t. the inputs (and the layer's parameters).
 
 Each time sits beside three floors measured in the same process, per backend:
 
@@ -90,9 +90,8 @@ def materialised_bytes(form: str, bt: int, length: int, d: int, n: int, backward
         return 2 * full if backward else 0  # h_{t-1} stored for the backward
     if form == "associative":
         return (3 if not backward else 8) * full  # a, b, h (fwd); + the backward's copies
-    if form == "torch":  # segsum's (Bt, L/T, T, T, E, N) blocks and the (Bt, L/T, L/T, E, N) inter-chunk ones
-        nc = -(-length // CHUNK)
-        return (2 if not backward else 5) * 5 * (CHUNK * full + F32 * bt * (nc + 1) ** 2 * d * n)
+    if form == "torch":  # the eager loop keeps one block of decays; the backward, every state (written, read)
+        return 2 * full if backward else 0
     return 0  # chunked: chunk-start states only, L / T x D x N
 
 
@@ -260,7 +259,7 @@ def torch_scan_case(inputs, backward: bool):
 
         def run():
             with torch.no_grad():
-                torch_model.selective_scan(*ts, chunk=CHUNK)
+                torch_model.selective_scan(*ts)
 
         return run
     ts = [t.requires_grad_(True) for t in ts]
@@ -268,7 +267,7 @@ def torch_scan_case(inputs, backward: bool):
     def run_bwd():
         for t in ts:
             t.grad = None
-        (torch_model.selective_scan(*ts, chunk=CHUNK) ** 2).sum().backward()
+        (torch_model.selective_scan(*ts) ** 2).sum().backward()
 
     return run_bwd
 
@@ -310,12 +309,9 @@ def torch_layer_case(batch: int, length: int, backward: bool):
 def estimated_gb(form: str, bt: int, length: int, d: int, n: int, backward: bool) -> float:
     """A rough upper estimate of the form's peak memory, to skip cases that would not fit."""
     full = F32 * bt * length * d * n
-    if form == "torch":
-        nc = -(-length // CHUNK)
-        full = CHUNK * full + F32 * bt * (nc + 1) ** 2 * d * n
-    # Peak RSS / full, measured: torch fwd 2.3, fwd+bwd 3.0 (L = 256 and 1024, 4 rows).
-    live = {"sequential": 1.5, "chunked": 0.2, "associative": 6.0, "torch": 2.3}[form]
-    return live * full * ((1.3 if form == "torch" else 2.5) if backward else 1.0) / 1e9
+    # torch: at most a block of decays and states (fwd), every state plus a block's gradients (fwd+bwd).
+    live = {"sequential": 1.5, "chunked": 0.2, "associative": 6.0, "torch": 1.0}[form]
+    return live * full * ((2.0 if form == "torch" else 2.5) if backward else 1.0) / 1e9
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -340,7 +336,7 @@ def _case_row(what, length, mode, form, b, counts, rates) -> dict:
     backend = "torch" if form == "torch" else "jax"
     fl = floors(counts, rates[backend])
     default = form == "torch" or (form == "sequential" and jax.default_backend() == "cpu")  # what `auto` picks
-    impl = ("torch chunked (T=8)" if form == "torch" else f"jax {form}") + (" [default]" if default else "")
+    impl = ("torch loop" if form == "torch" else f"jax {form}") + (" [default]" if default else "")
     inner = DIM * EXPAND
     extra = materialised_bytes(form, 2 * b, length, inner, STATE, mode == "fwd+bwd")
     note = f"floors ms: bytes {fl['bytes_ms']:.2f}, flops {fl['flops_ms']:.2f}, exp {fl['exp_ms']:.2f}"

@@ -36,6 +36,7 @@ SMALL = [
     "model.text.embed_dim=48",
     "model.vae.channels=(8,16)",
     "model.vae.downsample_factor=4",
+    "model.backbone.patch_size=1",  # the 2x3 grid: one latent cell per token
 ]
 
 

@@ -113,7 +113,10 @@ def _free_port() -> int:
 
 def _flow_config():
     steps = [f"train.flow.{k}={v}" for k, v in (("steps", STEPS), ("batch_size", BATCH), ("warmup_steps", 1))]
-    return load_config("nano", TINY + tuple(steps))
+    # patch_size=1: 8x8 tokens. With nano's 2x2 patches (4x4 tokens) every leaf but one stays within TOL; the
+    # planner's carry_gate gradient drifts to 4.8e-5 at step 3 (a sum with heavy cancellation, after two Adam
+    # steps have amplified rounding differences of the parameters). Sharding does not depend on the patch size.
+    return load_config("nano", TINY + tuple(steps) + ("model.backbone.patch_size=1",))
 
 
 def _random_batches(cfg: ModelConfig, image_size: int, n: int) -> list[dict[str, np.ndarray]]:

@@ -193,11 +193,15 @@ class FlowStep:
     text_module: Any = None  # a trainable text encoder (SimpleTextEncoder), else None
 
 
-def encode_latents(spec: FlowStep, vae_params: Any, image: jax.Array, rng: jax.Array | None) -> jax.Array:
-    """Images in [-1, 1] -> normalised latents (z - shift) * scale; a posterior sample with `rng`."""
-    posterior = spec.vae.apply(vae_params, image, method=spec.vae.encode)
+def _normalised_latent(spec: FlowStep, posterior: DiagonalGaussian, rng: jax.Array | None) -> jax.Array:
+    """(z - shift) * scale of the posterior's mode, or of a sample with `rng`."""
     z = posterior.mode() if rng is None else posterior.sample(rng)
     return (z - spec.latent_shift) * spec.latent_scale
+
+
+def encode_latents(spec: FlowStep, vae_params: Any, image: jax.Array, rng: jax.Array | None) -> jax.Array:
+    """Images in [-1, 1] -> normalised latents (z - shift) * scale; a posterior sample with `rng`."""
+    return _normalised_latent(spec, spec.vae.apply(vae_params, image, method=spec.vae.encode), rng)
 
 
 def batch_latents(spec: FlowStep, vae_params: Any, batch: dict[str, jax.Array], rng: jax.Array | None) -> jax.Array:
@@ -210,8 +214,7 @@ def batch_latents(spec: FlowStep, vae_params: Any, batch: dict[str, jax.Array], 
     if "latent_mean" not in batch:
         return encode_latents(spec, vae_params, batch["image"], rng)
     posterior = DiagonalGaussian(batch["latent_mean"].astype(jnp.float32), batch["latent_logvar"].astype(jnp.float32))
-    z = posterior.mode() if rng is None else posterior.sample(rng)
-    return (z - spec.latent_shift) * spec.latent_scale
+    return _normalised_latent(spec, posterior, rng)
 
 
 def _text(spec: FlowStep, params: Any, batch: dict[str, jax.Array]) -> Text:

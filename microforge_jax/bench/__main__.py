@@ -22,50 +22,16 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import datetime
 import importlib
 import importlib.util
-import platform
 import sys
 from typing import Any
+
+from microforge_jax.bench.machine import header
 
 PARTS = ("sampling", "train", "bissm", "memory")
 OWN_PARTS = ("sampling", "train")  # in bench/compare.py; the others are bench/<part>.py
 COLUMNS = ("part", "case", "impl", "median_ms", "compile_s", "ratio", "note")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(module: str) -> str:
-    try:
-        return importlib.import_module(module).__version__
-    except (ImportError, AttributeError):
-        return "not installed"
-
-
-def header() -> str:
-    """Machine, library versions and date, as markdown lines."""
-    import jax
-    import torch
-
-    dev = jax.devices()[0]
-    versions = ", ".join(f"{m} {_version(m)}" for m in ("jax", "jaxlib", "flax", "torch"))
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (
-        f"- machine: {cpu_model()}, nproc {os.cpu_count()}; JAX backend {dev.platform} ({dev.device_kind})\n"
-        f"- versions: {versions}, Python {platform.python_version()}; torch threads {torch.get_num_threads()}, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}\n"
-        f"- date: {now}"
-    )
 
 
 def _cell(value: Any, key: str) -> str:

@@ -454,7 +454,7 @@ def markdown(rows_: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from microforge_jax.bench.memory import header
+    from microforge_jax.bench.machine import header  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)

@@ -22,31 +22,13 @@ import jax
 import jax.numpy as jnp
 
 from microforge_jax import sampling
+from microforge_jax.bench.machine import header
 from microforge_jax.config import ModelConfig, load_config
 from microforge_jax.models.denoiser import Text, build_denoiser
 from microforge_jax.models.vae import build_vae
 
 SEED_MB = {"tiny": 76, "small": 308, "base": 530}
 MB = 1e6
-
-
-def header() -> str:
-    """One line naming the machine, the library versions and the date."""
-    import datetime
-    import os
-    import platform
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    dev = jax.devices()[0]
-    return (
-        f"Machine: nproc {os.cpu_count()} ({model}), device {dev.platform}/{dev.device_kind}; jax {jax.__version__}; "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
-    )
 
 
 def abstract_params(cfg: ModelConfig, size: int, dtype=jnp.bfloat16) -> dict:

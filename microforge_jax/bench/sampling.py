@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import time
 
@@ -22,20 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from microforge_jax import sampling
+from microforge_jax.bench.machine import cpu_model
 from microforge_jax.config import ModelConfig, load_config
 from microforge_jax.models.denoiser import Text, build_denoiser
 from microforge_jax.models.vae import build_vae
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _fake_text(batch: int, length: int, width: int, seed: int) -> Text:
@@ -99,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(2B denoiser rows), VAE decode included; median of {args.repeats} runs after one warm-up."
     )
     print(
-        f"Machine: {os.cpu_count()} CPUs ({_cpu_model()}), device {device.platform}/{device.device_kind}; "
+        f"Machine: {os.cpu_count()} CPUs ({cpu_model()}), device {device.platform}/{device.device_kind}; "
         f"jax {jax.__version__}; {datetime.date.today().isoformat()}\n"
     )
     print("| batch | compile (s) | median per call (ms) | min per call (ms) | per image (ms) | images/s |")

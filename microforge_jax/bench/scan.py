@@ -22,7 +22,6 @@ import contextlib
 import datetime
 import functools
 import os
-import platform
 import time
 from unittest import mock
 
@@ -30,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from microforge_jax.bench.machine import cpu_model
 from microforge_jax.config import BackboneConfig
 from microforge_jax.models import backbone as backbone_lib
 from microforge_jax.models import scan as scan_lib
@@ -156,17 +156,6 @@ def matmul_gflops(repeats: int) -> float:
     return 2 * 1024**3 / (_time(f, a, repeats=repeats) / 1e3) / 1e9
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -174,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="skip the per-form scan table")
     args = parser.parse_args(argv)
     print("| machine | jax | date | backend | auto scan |\n|---|---|---|---|---|")
-    print(f"| nproc {os.cpu_count()}, {_cpu_model()} | {jax.__version__} | {datetime.date.today()} "
+    print(f"| nproc {os.cpu_count()}, {cpu_model()} | {jax.__version__} | {datetime.date.today()} "
           f"| {jax.default_backend()} | {scan_lib.auto_impl()} |\n")  # fmt: skip
     if not args.quick:
         _forms_table(args)

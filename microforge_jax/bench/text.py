@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import statistics
 import time
@@ -27,16 +26,6 @@ PROMPTS = [
     "",
     "a minimalist logo, flat vector art",
 ]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -61,6 +50,7 @@ def main(argv: list[str] | None = None) -> str:
     import jax.numpy as jnp
     import transformers
 
+    from microforge_jax.bench.machine import cpu_model
     from microforge_jax.config import TextConfig
     from microforge_jax.text import load_text_encoder
 
@@ -91,7 +81,7 @@ def main(argv: list[str] | None = None) -> str:
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
     peak_dev = f"{stats['peak_bytes_in_use'] / 2**20:.0f} MiB" if "peak_bytes_in_use" in stats else "n/a"
-    where = f"{dev.platform}: {_cpu_model()} x{os.cpu_count()}" if dev.platform == "cpu" else dev.device_kind
+    where = f"{dev.platform}: {cpu_model()} x{os.cpu_count()}" if dev.platform == "cpu" else dev.device_kind
     versions = f"jax {jax.__version__}, transformers {transformers.__version__}"
     header = (
         "| encoder | dtype | batch x M | device | load s | compile s | step ms (median of N) | encode ms incl. tokenize "

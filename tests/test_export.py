@@ -211,6 +211,50 @@ def test_bissm_runs_the_loop_eagerly_and_the_static_scan_when_traced(monkeypatch
             np.testing.assert_allclose(y_traced.numpy(), y.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_scan_form_switch_forces_either_form_with_equal_outputs(monkeypatch):
+    """`SCAN_FORM` forces the loop or the static form (the GPU benchmark times both)."""
+    bb = {
+        "dim": 8,
+        "ssm_expand": 2,
+        "ssm_state": 4,
+        "dt_rank": 0,
+        "use_dwconv": True,
+        "scan_chunk": 4,
+        "conv_kernel": 3,
+    }
+    layer, x = tm.BiSSM(bb, layer_index=2).eval(), torch.randn(2, 12, 8)
+    calls, outs = [], {}
+    for name in ("selective_scan", "selective_scan_static"):
+        fn = getattr(tm, name)
+        monkeypatch.setattr(tm, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    with torch.no_grad():
+        for form in ("static", "loop"):
+            monkeypatch.setattr(tm, "SCAN_FORM", form)
+            outs[form] = layer(x, (3, 4)).numpy()
+    assert calls == ["selective_scan_static", "selective_scan"]
+    np.testing.assert_allclose(outs["static"], outs["loop"], rtol=1e-4, atol=1e-5)
+
+
+def test_torch_mirror_keeps_every_tensor_on_the_model_device(config, params, text):
+    """Run on the "meta" device, where mixing in a tensor made on the CPU raises: guided edit
+    sampling and a training backward through the scan create every tensor where the inputs live
+    (what running the mirror on a GPU needs)."""
+    model = tm.MicroForgeTorch({"model": json.loads(json.dumps(dataclasses.asdict(ModelConfig.from_config(config)))),
+                                "image_size": H})  # fmt: skip
+    model = model.to("meta")
+    cond, uncond = (tuple(x.to("meta") for x in torch_text(t_)) for t_ in text)
+    noise = torch.randn(B, C, H // 4, W // 4, device="meta")
+    source = torch.randn(B, 3, H, W, device="meta")
+    images, z = model.sample(cond, uncond, noise, 3.0, 2, source_Bx3xHxW=source, task=1)
+    assert images.device.type == "meta" and tuple(images.shape) == (B, 3, H, W)
+    tokens, mask, pooled = cond
+    v, plan = model.denoiser(noise, torch.rand(B, device="meta"), tokens, mask, pooled, None, None)
+    (v.square().mean() + plan.square().mean()).backward()
+    grads = {n: p.grad for n, p in model.denoiser.named_parameters() if p.grad is not None}
+    assert all(g.device.type == "meta" for g in grads.values())
+    assert any(n.endswith("A_log") for n in grads)  # the gradient went back through the scan
+
+
 @pytest.mark.parametrize("hw", [(4, 6), (5, 3), (4, 12)])
 def test_zigzag_paths_equal_jax(hw):
     for layer in range(8):

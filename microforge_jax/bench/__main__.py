@@ -1,11 +1,12 @@
 """The benchmark command: every part side by side in one process, one table, markdown for BENCHMARKS.md.
 
-    python -m microforge_jax.bench [--parts sampling,train,bissm,memory] [--config tiny] [--size 256]
+    python -m microforge_jax.bench [--parts sampling,train,bissm,memory,accel] [--config tiny] [--size 256]
         [--batches 1,8] [--steps 4] [--repeats 5] [--train-batch 8] [--torch-compile auto|on|off] [--quick]
 
 Parts: `sampling` (the jitted guided sampler vs the PyTorch mirror, eager and torch.compile, with
 the FLOP rate and where the time goes), `train` (one flow train step, JAX vs PyTorch eager),
-`bissm` and `memory` (their own modules, `microforge_jax/bench/<part>.py`, each with
+`bissm`, `memory` and `accel` (bf16 training MFU and sampling throughput at 512 px, opt-in: for
+accelerators) (their own modules, `microforge_jax/bench/<part>.py`, each with
 `add_arguments(parser)` and `rows(args) -> list[dict]`). Every row is a dict
 {"part", "case", "impl", "median_ms", "compile_s", "ratio", "note"}.
 
@@ -29,7 +30,8 @@ from typing import Any
 
 from microforge_jax.bench.machine import header
 
-PARTS = ("sampling", "train", "bissm", "memory")
+PARTS = ("sampling", "train", "bissm", "memory", "accel")
+DEFAULT_PARTS = ("sampling", "train", "bissm", "memory")  # accel (512 px small/base in bf16) is for accelerators
 OWN_PARTS = ("sampling", "train")  # in bench/compare.py; the others are bench/<part>.py
 COLUMNS = ("part", "case", "impl", "median_ms", "compile_s", "ratio", "note")
 
@@ -71,7 +73,7 @@ def build_parser(parts: list[str] | None = None) -> argparse.ArgumentParser:
         prog="python -m microforge_jax.bench", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )  # fmt: skip
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts: " + ", ".join(PARTS))
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS), help="comma-separated parts: " + ", ".join(PARTS))
     parser.add_argument("--config", default=None, help="model config (default tiny; nano with --quick)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--size", type=int, default=None, help="image side in px (default 256; 64 with --quick)")
@@ -128,7 +130,7 @@ def own_rows(name: str, args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--parts", default=",".join(PARTS))
+    pre.add_argument("--parts", default=",".join(DEFAULT_PARTS))
     wanted = [p for p in pre.parse_known_args(argv)[0].parts.split(",") if p]
     unknown = [p for p in wanted if p not in PARTS]
     if unknown:

@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from microforge_jax.models.scan import auto_impl
+
 DIM, EXPAND, STATE, CHUNK = 256, 2, 16, 8
 JAX_FORMS = ("sequential", "chunked", "associative")
 F32 = 4
@@ -335,7 +337,7 @@ def _rates_note(name: str, r: dict) -> str:
 def _case_row(what, length, mode, form, b, counts, rates) -> dict:
     backend = "torch" if form == "torch" else "jax"
     fl = floors(counts, rates[backend])
-    default = form == "torch" or (form == "sequential" and jax.default_backend() == "cpu")  # what `auto` picks
+    default = form == "torch" or form == auto_impl()  # what `auto` picks on this backend
     impl = ("torch loop" if form == "torch" else f"jax {form}") + (" [default]" if default else "")
     inner = DIM * EXPAND
     extra = materialised_bytes(form, 2 * b, length, inner, STATE, mode == "fwd+bwd")

@@ -9,7 +9,9 @@ their outputs compared (normwise and max abs error), so the timings are of one c
 Timings: compile (JAX ahead-of-time `lower().compile()`, torch.compile's first call) apart from
 the run time, the median of `repeats` calls after one warm-up. torch uses all cores
 (`set_num_threads(os.cpu_count())`), `inference_mode` for sampling, and flushes denormals to
-zero (so neither side is timed on denormal arithmetic).
+zero (so neither side is timed on denormal arithmetic). When JAX runs on a GPU and torch sees
+CUDA, the torch side runs there too (`DEVICE`), each timed call ends with a synchronisation, and
+torch's f32 matmuls may use TF32 as XLA's do by default (`set_float32_matmul_precision("high")`).
 
 The sampler's FLOPs are counted by hand (`sampler_flops`): XLA's cost analysis counts a
 `lax.scan` body once. `matmul_rate` measures the machine's f32 matmul rate in the same run.
@@ -40,6 +42,13 @@ from microforge_jax.models.denoiser import Text, build_denoiser
 from microforge_jax.models.vae import build_vae
 
 Row = dict[str, Any]
+DEVICE = torch.device("cpu")  # where the torch side runs; `setup_torch` picks CUDA beside a JAX GPU
+
+
+def sync() -> None:
+    """Wait for queued torch GPU work (a no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def row(part: str, case: str, impl: str, median_ms=None, compile_s=None, ratio=None, note: str = "") -> Row:
@@ -135,8 +144,8 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     jax_ms = median_ms(lambda: jax.block_until_ready(f(a)), repeats)
-    t = torch.randn(n, n)
-    torch_ms = median_ms(lambda: t @ t, repeats)
+    t = torch.randn(n, n, device=DEVICE)
+    torch_ms = median_ms(lambda: (t @ t, sync()), repeats)
     return {"jax": 2 * n**3 / jax_ms / 1e6, "torch": 2 * n**3 / torch_ms / 1e6}
 
 
@@ -200,7 +209,7 @@ def torch_model(config: Any, params: dict) -> tm.MicroForgeTorch:
 
 
 def _torch_text(text: Text) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.from_numpy(np.array(x)) for x in text)
+    return tuple(torch.from_numpy(np.array(x)).to(DEVICE) for x in text)
 
 
 class SamplerPair:
@@ -214,9 +223,9 @@ class SamplerPair:
         self.noise = sampling.initial_noise(0, batch, (size // f, size // f), cfg.latent_channels)
         self.params = params
         self.jax_fn = sampling.make_sampler(cfg, steps, guidance=True)
-        self.model = torch_model(config, params)
+        self.model = torch_model(config, params).to(DEVICE)
         self.t_text, self.t_uncond = _torch_text(self.text), _torch_text(self.uncond)
-        self.t_noise = torch.from_numpy(np.array(self.noise)).permute(0, 3, 1, 2).contiguous()
+        self.t_noise = torch.from_numpy(np.array(self.noise)).permute(0, 3, 1, 2).contiguous().to(DEVICE)
 
     def jax_args(self) -> tuple:
         return (self.params, self.text, self.uncond, self.noise, jnp.float32(self.scale))
@@ -224,14 +233,16 @@ class SamplerPair:
     def run_torch(self, model: tm.MicroForgeTorch | None = None, decode: bool = True):
         with torch.inference_mode():
             m = model or self.model
-            return m.sample(self.t_text, self.t_uncond, self.t_noise, self.scale, self.steps, decode=decode)
+            out = m.sample(self.t_text, self.t_uncond, self.t_noise, self.scale, self.steps, decode=decode)
+            sync()
+            return out
 
     def agreement(self) -> dict[str, float]:
         """Normwise relative and max abs errors of torch vs JAX images and final latents."""
         out = self.jax_fn(*self.jax_args())
         images, z = self.run_torch()
         ji, jz = np.asarray(out.images_BxHxWx3), np.asarray(out.latent_BxhxwxC)
-        ti, tz = images.permute(0, 2, 3, 1).numpy(), z.permute(0, 2, 3, 1).numpy()
+        ti, tz = images.permute(0, 2, 3, 1).cpu().numpy(), z.permute(0, 2, 3, 1).cpu().numpy()
         return {
             "image_rel": normwise(ti, ji),
             "image_max_abs": float(np.abs(ti - ji).max()),
@@ -278,13 +289,25 @@ def sampling_rows(config: Any, size: int, steps: int, batches: list[int], repeat
         )
         jax_ms = median_ms(lambda c=compiled, p=pair: jax.block_until_ready(c(*p.jax_args())), repeats)
         eager_ms = median_ms(lambda p=pair: p.run_torch(), repeats)
+        eager_forms = {"token loop": eager_ms}
+        if DEVICE.type == "cuda":  # many small launches: the static chunked scan may be the faster eager form here
+            tm.SCAN_FORM = "static"
+            try:
+                eager_forms["static chunked scan"] = median_ms(lambda p=pair: p.run_torch(), repeats)
+            finally:
+                tm.SCAN_FORM = "auto"
+        eager_form = min(eager_forms, key=eager_forms.get)
+        eager_ms = eager_forms[eager_form]
         per_image = f"{jax_ms / b:.0f} ms per image"
         rows.append(row("sampling", case, "torch vs JAX outputs", note=(
             f"same weights and inputs: images normwise {agree['image_rel']:.1e}, max abs {agree['image_max_abs']:.1e}; "
             f"latent normwise {agree['latent_rel']:.1e}")))  # fmt: skip
         rows.append(row("sampling", case, "JAX jit (lax.scan + decode)", jax_ms, jax_compile,
                         f"{eager_ms / jax_ms:.2f}x faster than torch eager", per_image))  # fmt: skip
-        rows.append(row("sampling", case, "torch eager", eager_ms, None, "1.00x", f"{eager_ms / b:.0f} ms per image"))
+        for form, ms in eager_forms.items():
+            impl = "torch eager" + (f" ({form})" if len(eager_forms) > 1 else "")
+            rows.append(row("sampling", case, impl, ms, None, f"{ms / eager_ms:.2f}x",
+                            f"{ms / b:.0f} ms per image" + (" (the baseline)" if form == eager_form and len(eager_forms) > 1 else "")))  # fmt: skip
         if use_compile:
             try:
                 cm = compiled_torch(pair.model)
@@ -326,12 +349,13 @@ def _profile_rows(pair: SamplerPair, case: str, repeats: int, jax_ms: float, eag
     decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode")).lower(pair.params["vae"], z).compile()
     j_loop = median_ms(lambda: jax.block_until_ready(loop_c(*pair.jax_args())), repeats)
     j_dec = median_ms(lambda: jax.block_until_ready(decode(pair.params["vae"], z)), repeats)
-    zt = torch.from_numpy(np.array(z)).permute(0, 3, 1, 2).contiguous()
+    zt = torch.from_numpy(np.array(z)).permute(0, 3, 1, 2).contiguous().to(DEVICE)
     t_loop = median_ms(lambda: pair.run_torch(decode=False), repeats)
 
     def t_decode():
         with torch.inference_mode():
             pair.model.vae.decode(zt)
+        sync()
 
     t_dec = median_ms(t_decode, repeats)
     share = lambda part, whole: f"{100 * part / whole:.0f}% of the whole call"
@@ -364,7 +388,7 @@ def plan_diversity_loss(plan: torch.Tensor) -> torch.Tensor:
     p = p / (p.norm(dim=-1, keepdim=True) + 1e-6)
     sim = torch.einsum("bkd,bjd->bkj", p, p)
     k = p.shape[1]
-    off = sim * (1.0 - torch.eye(k))[None]
+    off = sim * (1.0 - torch.eye(k, device=p.device))[None]
     return off.square().sum() / (p.shape[0] * max(k * (k - 1), 1))
 
 
@@ -394,23 +418,23 @@ class TorchFlowStep:
             self.opt = torch.optim.AdamW(spec, lr=hp.lr, betas=(0.9, 0.99), eps=1e-8, foreach=True)
             self.opt_kind = "foreach"
         self.step_count = 0
-        self.gen = torch.Generator().manual_seed(0)
+        self.gen = torch.Generator(device=DEVICE).manual_seed(0)
 
     def __call__(self, image: torch.Tensor, text: tuple[torch.Tensor, ...]) -> float:
         hp, vc, g = self.hp, self.cfg.vae, self.gen
-        b = image.shape[0]
+        b, dev = image.shape[0], image.device
         with torch.no_grad():
             mean, logvar = self.vae.encode(image)
             z0 = (
-                mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g) - vc.shift_factor
+                mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g, device=dev) - vc.shift_factor
             ) * vc.scaling_factor
-        t = torch.sigmoid(hp.time_mean + hp.time_std * torch.randn(b, generator=g))
+        t = torch.sigmoid(hp.time_mean + hp.time_std * torch.randn(b, generator=g, device=dev))
         t = hp.time_shift * t / (1.0 + (hp.time_shift - 1.0) * t)
-        eps = torch.randn(z0.shape, generator=g)
+        eps = torch.randn(z0.shape, generator=g, device=dev)
         tb = t[:, None, None, None]
         z_t, target = (1 - tb) * z0 + tb * eps, eps - z0
-        drop = torch.rand(b, generator=g) < hp.caption_dropout
-        has_prev = torch.rand(b, generator=g) < hp.self_cond_prob
+        drop = torch.rand(b, generator=g, device=dev) < hp.caption_dropout
+        has_prev = torch.rand(b, generator=g, device=dev) < hp.self_cond_prob
         tokens, mask, pooled = (
             torch.where(drop.reshape((b,) + (1,) * (x.ndim - 1)), e.expand_as(x), x) for e, x in zip(self.empty, text)
         )
@@ -468,7 +492,7 @@ def train_rows(config: Any, size: int, batch_size: int, repeats: int) -> list[Ro
     cfg = ModelConfig.from_config(config)
     case = f"{config.name} {size}px b{batch_size} flow step"
     params = init_params(cfg, size, seed=10)
-    model = torch_model(config, params)  # converted first: the JAX step donates (deletes) its input state
+    model = torch_model(config, params).to(DEVICE)  # converted first: the JAX step donates its input state
     step, state, batch, rng, frozen = jax_flow_step(config, params, batch_size, size)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, rng, frozen).compile()
@@ -484,10 +508,11 @@ def train_rows(config: Any, size: int, batch_size: int, repeats: int) -> list[Ro
     jax_loss = float(run_jax()["train/loss"])
 
     text = tuple(
-        torch.from_numpy(np.array(x)) for x in (batch["text_tokens"], batch["text_mask"], batch["text_pooled"])
+        torch.from_numpy(np.array(x)).to(DEVICE)
+        for x in (batch["text_tokens"], batch["text_mask"], batch["text_pooled"])
     )
     empty = _torch_text(frozen["empty_text"])
-    image = torch.from_numpy(np.array(batch["image"])).permute(0, 3, 1, 2).contiguous()
+    image = torch.from_numpy(np.array(batch["image"])).permute(0, 3, 1, 2).contiguous().to(DEVICE)
     tstep = TorchFlowStep(model, config.train.flow, cfg, empty)
     losses = []
     eager_ms = median_ms(lambda: losses.append(tstep(image, text)), repeats)
@@ -502,9 +527,13 @@ def train_rows(config: Any, size: int, batch_size: int, repeats: int) -> list[Ro
 
 
 def setup_torch() -> None:
-    """All cores for torch, denormals flushed to zero."""
+    """All cores for torch, denormals flushed to zero; CUDA (TF32 matmuls, as XLA's default) beside a JAX GPU."""
+    global DEVICE
     torch.set_num_threads(os.cpu_count() or 1)
     torch.set_flush_denormal(True)
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        DEVICE = torch.device("cuda")
+        torch.set_float32_matmul_precision("high")
 
 
 __all__ = [

@@ -55,17 +55,17 @@ def stage_channels(vae: Mapping[str, Any]) -> list[int]:
 def timestep_embedding(t_B: Tensor, dim: int, max_period: float = 10000.0, scale: float = 1000.0) -> Tensor:
     """Sinusoidal embedding of t in [0, 1] (scaled to [0, 1000]): (B,) -> (B, dim), fp32."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t_B.device) / half)
     args = (scale * t_B.float())[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def sincos_2d(height: int, width: int, dim: int) -> Tensor:
+def sincos_2d(height: int, width: int, dim: int, device: torch.device | str | None = None) -> Tensor:
     """2-D sin-cos positions (H*W, dim) in raster order: rows in the first half, columns in the second."""
     quarter = dim // 4
-    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
-    rows = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width).reshape(-1)
-    cols = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width).reshape(-1)
+    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
+    rows = torch.arange(height, dtype=torch.float32, device=device)[:, None].expand(height, width).reshape(-1)
+    cols = torch.arange(width, dtype=torch.float32, device=device)[None, :].expand(height, width).reshape(-1)
     out_r, out_c = rows[:, None] * omega[None], cols[:, None] * omega[None]
     return torch.cat([torch.sin(out_r), torch.cos(out_r), torch.sin(out_c), torch.cos(out_c)], dim=-1)
 
@@ -83,20 +83,20 @@ PATHS = (
 )
 
 
-def zigzag_path(height: int, width: int, layer_index: int) -> Tensor:
+def zigzag_path(height: int, width: int, layer_index: int, device: torch.device | str | None = None) -> Tensor:
     """Layer `layer_index`'s scan order (L,): position k of the path visits raster index path[k].
 
     Torch ops only (no numpy), so `torch.export` traces it; a constant once the grid is static.
     """
     kind, flip_rows, flip_cols = PATHS[layer_index % len(PATHS)]
-    grid = torch.arange(height * width).reshape(height, width)
+    grid = torch.arange(height * width, device=device).reshape(height, width)
     if flip_rows:
         grid = grid.flip(0)
     if flip_cols:
         grid = grid.flip(1)
     if kind == "col":
         grid = grid.t()
-    odd = (torch.arange(grid.shape[0]) % 2 == 1)[:, None]
+    odd = (torch.arange(grid.shape[0], device=device) % 2 == 1)[:, None]
     return torch.where(odd, grid.flip(1), grid).reshape(-1)  # boustrophedon: odd lines run backwards
 
 
@@ -294,6 +294,12 @@ class DCVAE(nn.Module):
 SCAN_BLOCK_ELEMENTS = 2**19  # eager scan: tokens per block T such that (T, Bt, E, N) decays are ~2 MiB
 
 
+# Which scan form `BiSSM` runs: "auto" (the static chunked form while traced, the token loop eager),
+# "loop" or "static" (forced; the benchmark times both on a GPU, where many small kernel launches
+# make the loop's cost different).
+SCAN_FORM = "auto"
+
+
 def graph_capture() -> bool:
     """True while an exporter or compiler traces the model (ONNX, torch.export, torch.compile, jit.trace)."""
     return torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or torch.jit.is_tracing()
@@ -313,9 +319,10 @@ class _SequentialScan(torch.autograd.Function):
         n = A.shape[-1]
         delta_L, du_L, B_L = delta.transpose(0, 1), (delta * u).transpose(0, 1), B.transpose(0, 1)
         keep = any(ctx.needs_input_grad)  # the backward needs every state; inference only a block's
-        h_LxBtxExN = torch.empty(length if keep else min(block, length), bt, e, n)
-        y = torch.empty(bt, length, e)
-        h = torch.zeros(bt, e, n)
+        dev = u.device
+        h_LxBtxExN = torch.empty(length if keep else min(block, length), bt, e, n, device=dev)
+        y = torch.empty(bt, length, e, device=dev)
+        h = torch.zeros(bt, e, n, device=dev)
         for s in range(0, length, block):
             t = min(block, length - s)
             a = torch.exp(delta_L[s : s + t, ..., None] * A)  # (T, Bt, E, N): a block at a time, in cache
@@ -338,11 +345,12 @@ class _SequentialScan(torch.autograd.Function):
         length, bt, e, n = h_LxBtxExN.shape
         delta_L, du_L = delta.transpose(0, 1), (delta * u).transpose(0, 1)
         B_L, C_L, dy_L = B.transpose(0, 1), C.transpose(0, 1), dy.transpose(0, 1)
-        g_du = torch.empty(length, bt, e)  # dL/d(delta u)
-        g_delta = torch.empty(length, bt, e)  # dL/d(delta) through the decays
-        gB, gC = torch.empty(length, bt, n), torch.empty(length, bt, n)
-        gA = torch.zeros(bt, e, n)
-        carry = torch.zeros(bt, e, n)  # a_{s+T} dL/dh_{s+T}, from the block after this one
+        kw = {"device": dy.device}
+        g_du = torch.empty(length, bt, e, **kw)  # dL/d(delta u)
+        g_delta = torch.empty(length, bt, e, **kw)  # dL/d(delta) through the decays
+        gB, gC = torch.empty(length, bt, n, **kw), torch.empty(length, bt, n, **kw)
+        gA = torch.zeros(bt, e, n, **kw)
+        carry = torch.zeros(bt, e, n, **kw)  # a_{s+T} dL/dh_{s+T}, from the block after this one
         for s in reversed(range(0, length, ctx.block)):
             t = min(ctx.block, length - s)
             sl = slice(s, s + t)
@@ -417,12 +425,16 @@ def segsum(x: Tensor) -> Tensor:
     differencing a cumulative sum) keeps exp(seg) accurate when the log-decays are large.
     """
     t = x.shape[-3]
-    idx = torch.arange(t)
+    idx = torch.arange(t, device=x.device)
     strict = (idx[:, None] > idx[None, :])[:, :, None, None]  # i > s
-    xx = torch.where(strict, x.unsqueeze(-3).expand(*x.shape[:-3], t, t, *x.shape[-2:]), torch.zeros((), dtype=x.dtype))
+    xx = torch.where(
+        strict,
+        x.unsqueeze(-3).expand(*x.shape[:-3], t, t, *x.shape[-2:]),
+        torch.zeros((), dtype=x.dtype, device=x.device),
+    )
     seg = torch.cumsum(xx, dim=-4)
     lower = (idx[:, None] >= idx[None, :])[:, :, None, None]
-    return torch.where(lower, seg, torch.full((), -math.inf, dtype=x.dtype))
+    return torch.where(lower, seg, torch.full((), -math.inf, dtype=x.dtype, device=x.device))
 
 
 def selective_scan_static(
@@ -485,7 +497,7 @@ def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     """The same scan as a plain loop over tokens (for tests; do not export this one)."""
     bt, length, e = u.shape
     A = A.float().reshape(-1, e, A.shape[-1])
-    h = torch.zeros(bt, e, A.shape[-1])
+    h = torch.zeros(bt, e, A.shape[-1], device=u.device)
     ys = []
     for i in range(length):
         d = delta[:, i].float()
@@ -521,7 +533,7 @@ class BiSSM(nn.Module):
     def forward(self, x_BxLxD: Tensor, grid_hw: tuple[int, int]) -> Tensor:
         (h, w), b = grid_hw, x_BxLxD.shape[0]
         x, z = self.in_proj(x_BxLxD).chunk(2, dim=-1)
-        perm = zigzag_path(h, w, self.layer_index)
+        perm = zigzag_path(h, w, self.layer_index, x.device)
         order = {"fwd_": perm, "bwd_": perm.flip(0)}  # the backward direction runs the path reversed
         us, deltas, As, Bs, Cs, Ds = [], [], [], [], [], []
         for p, idx in order.items():
@@ -541,7 +553,8 @@ class BiSSM(nn.Module):
         # Both directions in one scan call, stacked on the batch axis (as the JAX model).
         args = [torch.cat(v, 0) for v in (us, deltas, As, Bs, Cs, Ds)]
         # Traced for export: the static form, whose graph does not grow with L; eager: the loop.
-        y = selective_scan_static(*args, chunk=self.chunk) if graph_capture() else selective_scan(*args)
+        static = SCAN_FORM == "static" or (SCAN_FORM == "auto" and graph_capture())
+        y = selective_scan_static(*args, chunk=self.chunk) if static else selective_scan(*args)
         y = y[:b][:, torch.argsort(order["fwd_"])] + y[b:][:, torch.argsort(order["bwd_"])]
         return self.out_proj(y.to(z.dtype) * F.silu(z))
 
@@ -633,14 +646,14 @@ class Backbone(nn.Module):
         grid_hw = (h // p, x.shape[2])
         x = x.reshape(b, grid_hw[0] * grid_hw[1], -1)
         if self.bb["pos_embed"] == "sincos":
-            x = x + sincos_2d(*grid_hw, x.shape[-1])[None]
-        task_B = torch.zeros(b, dtype=torch.long) if task_B is None else task_B.long()
+            x = x + sincos_2d(*grid_hw, x.shape[-1], x.device)[None]
+        task_B = torch.zeros(b, dtype=torch.long, device=x.device) if task_B is None else task_B.long()
         t_emb = self.t_fc2(F.silu(self.t_fc1(timestep_embedding(t_B, 256))))
         silu_cond = F.silu(t_emb + self.pooled_proj(pooled_BxE) + self.task_embed[task_B])
         context, mask = self.text_proj(text_BxMxE), text_mask_BxM.bool()
         if self.bb["use_planner"]:
             context = torch.cat([context, plan_BxKxD], dim=1)
-            mask = torch.cat([mask, torch.ones(plan_BxKxD.shape[:2], dtype=torch.bool)], dim=1)
+            mask = torch.cat([mask, torch.ones(plan_BxKxD.shape[:2], dtype=torch.bool, device=mask.device)], dim=1)
         mod = None
         for i in range(self.bb["depth"]):
             if i % self.group == 0:
@@ -696,7 +709,7 @@ class Planner(nn.Module):
             p = mixed if has_prev_B is None else torch.where(has_prev_B.bool()[:, None, None], mixed, p_init)
         p = p + self.t_fc2(F.silu(self.t_fc1(timestep_embedding(t_B, 256))))[:, None]
         latent = self.latent_proj(z_BxCxhxw.permute(0, 2, 3, 1)).reshape(b, h * w, -1)
-        latent = self.latent_norm(latent + sincos_2d(h, w, latent.shape[-1])[None])
+        latent = self.latent_norm(latent + sincos_2d(h, w, latent.shape[-1], latent.device)[None])
         for i in range(self.pl["depth"]):
             p = p + getattr(self, f"read{i}")(getattr(self, f"read{i}_norm")(p), latent)
             p = p + getattr(self, f"reason{i}")(getattr(self, f"reason{i}_norm")(p))
@@ -839,9 +852,9 @@ class HFTextEncoder:
 # ----------------------------------------------------------------------------- the sampler
 
 
-def time_grid(steps: int, shift: float = 1.0) -> Tensor:
+def time_grid(steps: int, shift: float = 1.0, device: torch.device | str | None = None) -> Tensor:
     """Times from 1 (noise) to 0 (data), shifted: s t / (1 + (s - 1) t); (steps + 1,) fp32."""
-    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32)
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32, device=device)
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
@@ -897,17 +910,18 @@ class MicroForgeTorch(nn.Module):
         """
         b = noise_BxCxhxw.shape[0]
         guided = uncond is not None
-        text = tuple(x.expand(b, *x.shape[1:]) for x in text)  # a batch of 1 is broadcast
+        dev = noise_BxCxhxw.device
+        text = tuple(x.to(dev).expand(b, *x.shape[1:]) for x in text)  # a batch of 1 is broadcast
         if guided:
-            text = tuple(torch.cat([c, u.expand(b, *u.shape[1:]).to(c.dtype)]) for c, u in zip(text, uncond))
+            text = tuple(torch.cat([c, u.to(dev).expand(b, *u.shape[1:]).to(c.dtype)]) for c, u in zip(text, uncond))
         n = 2 * b if guided else b
-        task_N = torch.full((n,), task, dtype=torch.long)
+        task_N = torch.full((n,), task, dtype=torch.long, device=noise_BxCxhxw.device)
         source = None
         if source_Bx3xHxW is not None:
             mean, _ = self.vae.encode(source_Bx3xHxW.float())
             source = (mean - self.shift_factor) * self.scaling_factor
             source = torch.cat([source, source]) if guided else source
-        ts = time_grid(steps, shift)
+        ts = time_grid(steps, shift, noise_BxCxhxw.device)
         z, plan = noise_BxCxhxw.float(), None
         for k in range(steps):
             z_N = torch.cat([z, z]) if guided else z
@@ -942,6 +956,7 @@ class MicroForgeTorch(nn.Module):
         if noise is None:
             gen = torch.Generator().manual_seed(seed)
             noise = torch.randn((len(prompts), c, size[0] // f, size[1] // f), generator=gen)
+        noise = noise.to(next(self.parameters()).device)
         text = self.text_encoder.encode(prompts)
         uncond = None
         if cfg != 1.0:
@@ -950,7 +965,7 @@ class MicroForgeTorch(nn.Module):
             uncond = self._uncond
         shift = float(self.config.get("time_shift", 1.0)) if shift is None else shift
         images, _ = self.sample(text, uncond, noise, cfg, steps, shift=shift)
-        x = (images.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5
+        x = (images.permute(0, 2, 3, 1).cpu().numpy() + 1.0) * 127.5
         return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 

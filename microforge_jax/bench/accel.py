@@ -164,6 +164,5 @@ def rows(args) -> list[dict]:
                 r = sample_row(name, args.accel_size, args.accel_sample_batch, args.accel_steps, args.repeats)
         except Exception as exc:  # noqa: BLE001 - one failed case (out of memory, say) is a row, not a crash
             r = compare.row("accel", f"{name} {args.accel_size}px", what, note=f"failed: {compare._first_line(exc)}")
-        print(f"[accel] {r}", flush=True)
         out.append(r)
     return out

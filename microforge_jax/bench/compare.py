@@ -52,8 +52,9 @@ def sync() -> None:
 
 
 def row(part: str, case: str, impl: str, median_ms=None, compile_s=None, ratio=None, note: str = "") -> Row:
-    """One result row (the format every bench part returns)."""
-    return {
+    """One result row (the format every bench part returns), also printed as it is made (a part cut
+    off by a time limit still leaves its finished rows in the log)."""
+    out = {
         "part": part,
         "case": case,
         "impl": impl,
@@ -62,6 +63,10 @@ def row(part: str, case: str, impl: str, median_ms=None, compile_s=None, ratio=N
         "ratio": ratio,
         "note": note,
     }
+    ms = "-" if median_ms is None else f"{median_ms:.2f} ms"
+    cs = "" if compile_s is None else f" (compile {compile_s:.1f} s)"
+    print(f"[{part}] {case} | {impl} | {ms}{cs} | {ratio or ''} | {note}", flush=True)
+    return out
 
 
 def normwise(a, b) -> float:

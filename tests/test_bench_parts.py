@@ -170,3 +170,28 @@ def test_sampler_vae_tile_option(nano_vae):
         f = cfg.vae.downsample_factor
         assert out.images_BxHxWx3.shape == (1, 8 * f, 8 * f, 3)
         assert calls and set(calls) == {decoded}
+
+
+# ----------------------------------------------------------------------------- accel (GPU rows)
+
+
+def test_accel_peak_table_matches_device_kinds():
+    from microforge_jax.bench import accel
+
+    assert accel.peak_bf16("NVIDIA H100 80GB HBM3") == 989e12
+    assert accel.peak_bf16("NVIDIA H100 PCIe") == 756e12  # the PCIe card is listed before the SXM match
+    assert accel.peak_bf16("NVIDIA A100-SXM4-40GB") == 312e12
+    assert accel.peak_bf16("TPU v5 lite") == 197e12
+    assert accel.peak_bf16("cpu") is None
+
+
+def test_accel_rows_give_images_per_second_from_the_timing(monkeypatch):
+    from microforge_jax.bench import accel, compare
+
+    monkeypatch.setattr(compare, "median_ms", lambda fn, repeats: (fn(), 50.0)[1])  # the call runs; 50 ms
+    args = _args(accel, ["--accel-train", "", "--accel-sample", "nano", "--accel-size", "32",
+                         "--accel-sample-batch", "2", "--accel-steps", "1"])  # fmt: skip
+    args.repeats = 1
+    rows = accel.rows(args)
+    assert [r["impl"] for r in rows] == ["bf16 matmul (1024^3)", "JAX jit sampler (scan + decode)"]
+    assert rows[1]["median_ms"] == 50.0 and rows[1]["ratio"] == "40.0 images/s"  # 2 images / 50 ms

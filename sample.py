@@ -37,6 +37,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--source", default=None, help="source image (edit, inpaint) or low-res image (sr)")
     p.add_argument("--mask", default=None, help="inpaint mask image, the source's size (white = hole)")
     p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument(
+        "--vae-tile", type=int, default=None, help="decode in tiles of N latent cells (less memory; 0: whole)"
+    )
+    p.add_argument("--low-memory", action="store_true", help="compile the sampler for a lower peak memory")
     args = p.parse_args(argv)
 
     from microforge_jax.pipeline import sample_to_folder  # imports jax: after --help
@@ -56,6 +60,8 @@ def main(argv: list[str]) -> int:
         out=args.out,
         shift=args.shift,
         sampler=args.sampler,
+        vae_tile=args.vae_tile,
+        low_memory=args.low_memory,
     )
     return 0
 

@@ -293,6 +293,7 @@ class MicroForgePipeline:
                 step_fn=step_fn,
                 stochastic=stochastic,
                 vae_tile=int(self.config.get("sample_vae_tile", 0)),
+                low_memory=bool(self.config.get("sample_low_memory", False)),
             )
             self._compiled[key] = fn.lower(*args).compile()
         t1 = time.perf_counter()
@@ -357,11 +358,14 @@ def sample_to_folder(
     out: str = "samples",
     shift: float | None = None,
     sampler: str | None = None,
+    vae_tile: int | None = None,
+    low_memory: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
     """What `sample.py` does: validate everything, load the run, sample, then write PNGs + a grid.
 
     Nothing is written (not even the output folder) unless every input is valid and sampling succeeded.
+    `vae_tile` / `low_memory` override the run's `sample_vae_tile` / `sample_low_memory`.
 
     Returns:
       The paths written (one PNG per image, then `grid.png`).
@@ -378,6 +382,8 @@ def sample_to_folder(
     check_settings(steps, cfg, num)
     if shift is not None and (not math.isfinite(shift) or shift <= 0):
         raise SampleError(f"--shift must be > 0, got {shift}")
+    if vae_tile is not None and vae_tile < 0:
+        raise SampleError(f"--vae-tile must be >= 0 latent cells (0: the whole latent), got {vae_tile}")
     if sampler is not None and sampler not in sampling.SAMPLERS:
         raise SampleError(f"unknown sampler {sampler!r}; samplers are {', '.join(sampling.SAMPLERS)}")
     if task not in sampling.TASKS:
@@ -401,6 +407,10 @@ def sample_to_folder(
         raise SampleError(f"--out {out} exists and is not a folder")
 
     pipe = MicroForgePipeline.from_run(workdir)
+    if vae_tile is not None:
+        pipe.config.sample_vae_tile = vae_tile
+    if low_memory:
+        pipe.config.sample_low_memory = True
     kw = dict(steps=steps, cfg=cfg, seed=seed, num=num, shift=shift, sampler=sampler)
     if task == "generate":
         images = pipe.generate(prompts, size=size_hw, **kw)

@@ -464,6 +464,45 @@ def test_torch_sampler_matches_jax_sampler(cfg, params, text, model):
     assert psnr >= 40
 
 
+def test_torch_consistency_sampler_matches_jax_sampler(cfg, params, text, model, relerr):
+    """The consistency rule (x0 = z - t v, re-noised with fresh noise each step) on a shifted grid:
+    the same initial and per-step noise (JAX's, one key per step) give the same images and latent."""
+    cond, uncond = text
+    steps, shift, key = 3, 2.0, jax.random.key(7)
+    noise = sampling.initial_noise(0, B, (H // 4, W // 4), C)
+    sampler = sampling.make_sampler(cfg, steps, shift=shift, step_fn=sampling.consistency_step, stochastic=True)
+    jax_out = sampler(params, cond, uncond, noise, 3.0, key=key)
+    images_j = np.asarray(jax_out.images_BxHxWx3)
+    spread(images_j, 0.05)
+    # What `consistency_step` draws at step k: normal(split(key, steps)[k], z.shape).
+    step_noise = torch.stack([nchw(jax.random.normal(k, noise.shape)) for k in jax.random.split(key, steps)])
+    kw = dict(shift=shift, sampler="consistency", step_noise_SxBxCxhxw=step_noise)
+    images_t, z_t = model.sample(torch_text(cond), torch_text(uncond), nchw(noise), 3.0, steps, **kw)
+    other_noise = dict(kw, step_noise_SxBxCxhxw=step_noise.flip(0))
+    images_n, _ = model.sample(torch_text(cond), torch_text(uncond), nchw(noise), 3.0, steps, **other_noise)
+    images_e, _ = model.sample(torch_text(cond), torch_text(uncond), nchw(noise), 3.0, steps, shift=shift)
+    assert np.abs(nhwc(images_n) - nhwc(images_t)).mean() > 1e-2  # the step noise matters
+    assert np.abs(nhwc(images_e) - nhwc(images_t)).mean() > 1e-2  # the rule is not Euler's
+    mse = np.mean((nhwc(images_t).astype(np.float64) - images_j) ** 2)
+    psnr = 10 * np.log10(4.0 / max(mse, 1e-20))  # images span [-1, 1]: peak-to-peak 2
+    err = relerr(nhwc(z_t), jax_out.latent_BxhxwxC)
+    print(f"consistency sampler torch vs jax: PSNR {psnr:.1f} dB, final latent {err:.1e}")
+    assert psnr >= 40 and err <= 1e-4
+
+    # Drawn from a generator instead: reproducible by its seed.
+    def drawn(seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return model.sample(torch_text(cond), None, nchw(noise), 1.0, 2, sampler="consistency", generator=gen)[1]
+
+    assert torch.equal(drawn(1), drawn(1)) and not torch.equal(drawn(1), drawn(2))
+    with pytest.raises(ValueError, match="consistency sampler only"):
+        model.sample(torch_text(cond), None, nchw(noise), 1.0, steps, step_noise_SxBxCxhxw=step_noise)
+    with pytest.raises(ValueError, match="step noise must have shape"):
+        model.sample(torch_text(cond), None, nchw(noise), 1.0, 2, **kw)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        model.sample(torch_text(cond), None, nchw(noise), 1.0, 2, sampler="heun")
+
+
 def test_hf_text_encoder_matches_jax_minilm(relerr):
     from microforge_jax.config import TextConfig
     from microforge_jax.text import builtin_minilm_folder, load_text_encoder
@@ -483,11 +522,15 @@ def test_hf_text_encoder_matches_jax_minilm(relerr):
 # ----------------------------------------------------------------------------- CLI, fresh process, ONNX
 
 
-def write_run(workdir: Path, config, params: dict) -> None:
-    """A real run folder: config.json + Orbax "vae" and "flow" checkpoints (as test_sampling does)."""
+def write_run(workdir: Path, config, params: dict, consistency: dict | None = None) -> None:
+    """A real run folder: config.json + Orbax "vae" and "flow" checkpoints (as test_sampling does),
+    and a "consistency" one holding the denoiser tree `consistency` when given."""
     save_run_config(workdir, config)
     flow = {k: v for k, v in params.items() if k != "vae"}
-    for stage, ema in (("vae", params["vae"]), ("flow", flow)):
+    stages = [("vae", params["vae"]), ("flow", flow)]
+    if consistency is not None:
+        stages.append(("consistency", {"denoiser": consistency}))
+    for stage, ema in stages:
         with StageCheckpointer(workdir, stage) as ckpt:
             ckpt.save(1, {"step": jnp.int32(1), "params": ema, "ema_params": ema, "opt_state": jnp.zeros(())})
             ckpt.wait_until_finished()
@@ -526,6 +569,51 @@ def test_cli_writes_the_folder(exported, model):
     mini = exported / "mini"
     assert (mini / "text_encoder" / "tokenizer.json").is_file() and (mini / "text_encoder" / "config.json").is_file()
     assert "load_exported" in (mini / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def exported_consistency(tmp_path_factory, config, params, redraw):
+    """A run with a "consistency" stage (its own denoiser, time shift 2) exported through the CLI."""
+    root = tmp_path_factory.mktemp("export_consistency")
+    distilled = redraw(params["denoiser"], seed=11)
+    run_config = load_config("nano", TINY + ["train.consistency.time_shift=2.0"])
+    write_run(root / "run", run_config, params, consistency=distilled)
+    assert cli.run(export_main, ["--workdir", str(root / "run"), "--out", str(root / "out")]) == 0
+    return root / "out", distilled
+
+
+def test_consistency_run_exports_distilled_weights_and_sampler_defaults(exported_consistency, exported, model):
+    """The latest stage's denoiser is exported and config.json says it is consistency-distilled, so
+    `generate` samples steps <= 4 with the consistency rule (at its time shift) and more with Euler."""
+    out, distilled = exported_consistency
+    exported_cfg = json.loads((out / "config.json").read_text())
+    assert exported_cfg["denoiser_stage"] == "consistency" and "consistency" in exported_cfg["stages"]
+    assert exported_cfg["consistency"] == {"distilled": True, "time_shift": 2.0, "max_steps": 4}
+    assert exported_cfg["time_shift"] == 1.0
+    assert "consistency-distilled" in (out / "README.md").read_text()
+    flow_cfg = json.loads((exported / "out" / "config.json").read_text())
+    assert flow_cfg["denoiser_stage"] == "flow" and not flow_cfg["consistency"]["distilled"]
+
+    m = tm.load_exported(out)
+    state, flow_state = m.state_dict(), model.state_dict()
+    expected = convert.jax_to_torch({"denoiser": distilled}, torch.nn.ModuleDict({"denoiser": m.denoiser}))
+    for k, v in expected.items():
+        assert torch.equal(state[k], v), k
+    assert not torch.equal(state["denoiser.backbone.proj_out.weight"], flow_state["denoiser.backbone.proj_out.weight"])
+    assert all(torch.equal(state[k], flow_state[k]) for k in state if not k.startswith("denoiser."))
+
+    assert [m.resolve_sampler(None, s) for s in (1, 2, 4, 5, 20)] == ["consistency"] * 3 + ["euler"] * 2
+    assert m.resolve_sampler("euler", 2) == "euler" and m.default_shift("consistency") == 2.0
+    assert tm.MicroForgeTorch(flow_cfg).resolve_sampler(None, 2) == "euler"  # not distilled: Euler
+    prompts = ["a red circle", "a star"]
+    few = m.generate(prompts, steps=2, cfg=3.0, seed=0)
+    spread(few, 1.0)
+    np.testing.assert_array_equal(few, m.generate(prompts, steps=2, cfg=3.0, seed=0, sampler="consistency", shift=2.0))
+    assert np.abs(few.astype(float) - m.generate(prompts, steps=2, cfg=3.0, seed=0, sampler="euler")).mean() > 1
+    assert np.abs(few.astype(float) - m.generate(prompts, steps=2, cfg=3.0, seed=1)).mean() > 1  # fresh noise by seed
+    many = m.generate(prompts, steps=5, cfg=3.0, seed=0)
+    np.testing.assert_array_equal(many, m.generate(prompts, steps=5, cfg=3.0, seed=0, sampler="euler", shift=1.0))
+    assert np.abs(many.astype(float) - m.generate(prompts, steps=5, cfg=3.0, seed=0, sampler="consistency")).mean() > 1
 
 
 @pytest.mark.parametrize("case", ["missing workdir", "out not empty"])
@@ -605,15 +693,21 @@ def test_onnx_graphs_match_torch(exported, model, relerr):
     names = ["z", "t", "text", "text_mask", "pooled", "prev_plan", "has_prev"]
     with torch.no_grad():
         v, plan = tm.DenoiserStep(model.denoiser)(*(feeds[n] for n in names))
+        v_edit, plan_edit = tm.DenoiserEditStep(model.denoiser)(*(feeds[n] for n in names + ["task", "source"]))
         image = model.vae.decoder(feeds["z"][:1])
-    spread(v), spread(image)
+    spread(v), spread(image), spread(v_edit)
+    assert feeds["task"].tolist() == [1, 2] and relerr(v_edit.numpy(), v.numpy()) > 1e-2  # the source half matters
     got_v, got_plan = run_onnx(onnx_dir / "denoiser_step.onnx", feeds)
+    got_v_edit, got_plan_edit = run_onnx(onnx_dir / "denoiser_edit.onnx", feeds)
     (got_image,) = run_onnx(onnx_dir / "vae_decoder.onnx", {"latent": feeds["z"][:1]})
     errs = {"velocity": relerr(got_v, v.numpy()), "plan": relerr(got_plan, plan.numpy())}
+    errs["edit velocity"] = relerr(got_v_edit, v_edit.numpy())
+    errs["edit plan"] = relerr(got_plan_edit, plan_edit.numpy())
     errs["image"] = relerr(got_image, image.numpy())
     print(f"onnxruntime vs torch: {errs}")
     print(f"report: {json.dumps(report)}")
     assert max(errs.values()) <= 1e-3
-    for key in ("denoiser_step", "vae_decoder"):
+    assert report["denoiser_edit"]["inputs"]["source"] == report["denoiser_edit"]["inputs"]["z"]
+    for key in ("denoiser_step", "denoiser_edit", "vae_decoder"):
         q = report[key]["int8"]
         assert (onnx_dir / q["file"]).is_file() and q["bytes"] < report[key]["bytes"]

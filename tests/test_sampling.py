@@ -327,6 +327,18 @@ def test_sample_script_writes_pngs_and_timing(sample_main, run_dir, tmp_path, ca
     assert "per image" in captured.out and "compile" in captured.out
 
 
+def test_sample_script_low_memory_gives_the_same_pngs(sample_main, run_dir, tmp_path, capsys):
+    workdir, _ = run_dir
+    argv = ["--workdir", str(workdir), "--prompt", "a red circle", "--steps", "2", "--size", f"{H}x{W}"]
+    outs = {}
+    for name, extra in (("plain", []), ("low", ["--low-memory"])):
+        rc = cli.run(sample_main, argv + extra + ["--out", str(tmp_path / name)])
+        assert rc == 0, capsys.readouterr().err
+        outs[name] = [np.asarray(Image.open(p)) for p in sorted((tmp_path / name).glob("0*.png"))]
+    assert len(outs["plain"]) == 1 and outs["plain"][0].std() > 1
+    np.testing.assert_array_equal(outs["low"][0], outs["plain"][0])
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -338,6 +350,7 @@ def test_sample_script_writes_pngs_and_timing(sample_main, run_dir, tmp_path, ca
         (["--size", "18x24"], "multiples of 4"),
         (["--steps", "0"], "steps must be"),
         (["--cfg", "-1"], "must be >= 0"),
+        (["--vae-tile", "-2"], "--vae-tile must be >= 0"),
     ],
 )
 def test_sample_script_bad_input_is_one_line_and_writes_nothing(sample_main, run_dir, tmp_path, capsys, args, message):

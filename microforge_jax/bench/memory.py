@@ -8,7 +8,8 @@ compute dtype bf16), the sampler is built as `bench/sampling.py` builds it (`mak
 guidance on, batch 1) and only lowered and compiled. The peak is the compiled function's
 temp + argument + output bytes (CPU devices report no live allocator statistics), next to the
 seed's figures (76 / 308 / 530 MB for tiny / small / base at 512 px). `--memory-vae-tile` adds rows
-for the tiled VAE decode (`vae_tile` latent cells per tile; 0 = one decode of the whole latent).
+for the tiled VAE decode (`vae_tile` latent cells per tile; 0 = one decode of the whole latent),
+`--memory-low-memory` rows compiled with `sampling.LOW_MEMORY_COMPILER_OPTIONS`.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ def bf16_config(name: str) -> ModelConfig:
     return dataclasses.replace(cfg, dtype="bfloat16", param_dtype="bfloat16")
 
 
-def sampler_memory(cfg: ModelConfig, size: int, steps: int = 4, batch: int = 1, vae_tile: int = 0) -> dict:
+def sampler_memory(
+    cfg: ModelConfig, size: int, steps: int = 4, batch: int = 1, vae_tile: int = 0, low_memory: bool = False
+) -> dict:
     """Compiles the guided sampler on abstract inputs and returns its `memory_analysis()` in bytes."""
     f, c = cfg.vae.downsample_factor, cfg.latent_channels
     params = abstract_params(cfg, size)
@@ -81,7 +84,7 @@ def sampler_memory(cfg: ModelConfig, size: int, steps: int = 4, batch: int = 1, 
         jax.ShapeDtypeStruct((batch, size // f, size // f, c), jnp.float32),
         jax.ShapeDtypeStruct((), jnp.float32),
     )
-    fn = sampling.make_sampler(cfg, steps, guidance=True, vae_tile=vae_tile)
+    fn = sampling.make_sampler(cfg, steps, guidance=True, vae_tile=vae_tile, low_memory=low_memory)
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
@@ -99,7 +102,7 @@ def sampler_memory(cfg: ModelConfig, size: int, steps: int = 4, batch: int = 1, 
     return out
 
 
-def vae_decode_memory(cfg: ModelConfig, size: int, vae_tile: int = 0) -> dict:
+def vae_decode_memory(cfg: ModelConfig, size: int, vae_tile: int = 0, low_memory: bool = False) -> dict:
     """`memory_analysis()` of the VAE decode alone (batch 1), to locate the sampler's peak."""
     from microforge_jax.models.vae import decode_tiled
 
@@ -107,7 +110,8 @@ def vae_decode_memory(cfg: ModelConfig, size: int, vae_tile: int = 0) -> dict:
     vparams = abstract_params(cfg, size)["vae"]
     vae = build_vae(cfg)
     z = jax.ShapeDtypeStruct((1, size // f, size // f, c), jnp.float32)
-    fn = jax.jit(lambda p, z: decode_tiled(vae, {"params": p}, z, vae_tile))
+    options = dict(sampling.LOW_MEMORY_COMPILER_OPTIONS) if low_memory else None
+    fn = jax.jit(lambda p, z: decode_tiled(vae, {"params": p}, z, vae_tile), compiler_options=options)
     ma = fn.lower(vparams, z).compile().memory_analysis()
     return {"temp": ma.temp_size_in_bytes, "argument": ma.argument_size_in_bytes, "output": ma.output_size_in_bytes}
 
@@ -120,6 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--memory-vae-tile", default="0,8", help="comma-separated VAE tile sizes in latent cells (0 = untiled)"
     )
     parser.add_argument("--memory-decode-only", action="store_true", help="also report the VAE decode alone")
+    parser.add_argument(
+        "--memory-low-memory", action="store_true", help="also compile with sampling.LOW_MEMORY_COMPILER_OPTIONS"
+    )
 
 
 def rows(args) -> list[dict]:
@@ -129,22 +136,23 @@ def rows(args) -> list[dict]:
     for name in args.memory_configs.split(","):
         cfg = bf16_config(name)
         latent = args.memory_size // cfg.vae.downsample_factor
-        for tile in tiles:
+        modes = (False, True) if args.memory_low_memory else (False,)
+        for tile, low in ((t, lm) for t in tiles for lm in modes):
             if tile and tile >= latent:
                 continue  # one tile covers the latent: the untiled graph
-            m = sampler_memory(cfg, args.memory_size, args.memory_steps, vae_tile=tile)
+            m = sampler_memory(cfg, args.memory_size, args.memory_steps, vae_tile=tile, low_memory=low)
             seed = SEED_MB.get(name)
             note = (
                 f"peak {m['peak'] / MB:.1f} MB = temp {m['temp'] / MB:.1f} + args {m['argument'] / MB:.1f} "
                 f"+ out {m['output'] / MB:.1f}; bf16 params {m['param_bytes'] / MB:.1f} MB"
             )
             if args.memory_decode_only:
-                d = vae_decode_memory(cfg, args.memory_size, tile)
+                d = vae_decode_memory(cfg, args.memory_size, tile, low)
                 note += f"; VAE decode alone: temp {d['temp'] / MB:.1f} MB"
             row = {
                 "part": "memory",
                 "case": f"{name} {args.memory_size}px b1 {args.memory_steps} steps CFG",
-                "impl": f"vae_tile={tile}" if tile else "untiled decode",
+                "impl": (f"vae_tile={tile}" if tile else "untiled decode") + (", low_memory" if low else ""),
                 "median_ms": None,
                 "compile_s": m["compile_s"],
                 "ratio": f"{m['peak'] / MB / seed:.2f}x seed ({seed} MB)" if seed else None,

@@ -4,8 +4,10 @@
 
 Writes `OUT/config.json` (model config, latent scale/shift, text encoder info), `OUT/model.safetensors`
 (torch names under `vae.`, `denoiser.`, `text.`), `OUT/text_encoder/` (the Hugging Face folder of a
-pretrained encoder), `OUT/README.md`, and with `--onnx` `OUT/onnx/{denoiser_step,vae_decoder}.onnx`
-(+ `*.int8.onnx` with `--int8`) and `OUT/onnx/report.json`. EMA weights, via `load_run`.
+pretrained encoder), `OUT/README.md`, and with `--onnx` `OUT/onnx/{denoiser_step,denoiser_edit,vae_decoder}.onnx`
+(+ `*.int8.onnx` with `--int8`) and `OUT/onnx/report.json`. EMA weights, via `load_run`: the denoiser
+of the run's latest denoising stage, so a run with a "consistency" checkpoint exports its
+consistency-distilled denoiser, and `config.json` says so (`consistency.distilled`).
 The folder is built beside OUT and moved into place at the end: a failed export leaves nothing.
 """
 
@@ -17,6 +19,7 @@ import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,34 +39,58 @@ model = load_exported("{out}")
 images = model.generate(["a red circle"], steps=20, cfg=4.0, seed=0)  # uint8 (N, {size}, {size}, 3)
 ```
 
-Lower level: `model.sample(text, uncond, noise, scale, steps)` with `text = model.text_encoder.encode(prompts)`;
+Denoiser weights: stage "{stage}" of the run{distilled}. Lower level:
+`model.sample(text, uncond, noise, scale, steps, sampler="euler" | "consistency", generator=None, step_noise_SxBxCxhxw=None)`
+with `text = model.text_encoder.encode(prompts)`;
 `model.vae.encode / decode` (NCHW images in [-1, 1]); `model.denoiser(z, t, tokens, mask, pooled, prev_plan,
 has_prev, task, source) -> (velocity, plan)`. Latents are NCHW in the backbone's normalised space
 `(z - {shift}) * {scale}`. Text encoder: {text}.
-The noise of `generate(seed=...)` comes from torch's generator, not JAX's: pass `noise=` to reproduce a JAX sample.
+The noise of `generate(seed=...)` comes from torch's generator, not JAX's: pass `noise=`
+(and `step_noise=` for the consistency sampler) to reproduce a JAX sample.
 {onnx}"""
 
 ONNX_README = """
 ONNX (static shapes, opset 18; see `onnx/report.json`): `onnx/denoiser_step.onnx` takes
 (z, t, text, text_mask, pooled, prev_plan, has_prev) at batch {batch} (one guided prompt: [cond ; uncond])
-and returns (velocity, plan); run the Euler/CFG loop around it, `has_prev` False at the first step.
-`onnx/vae_decoder.onnx` maps a VAE-space latent to an image. `*.int8.onnx`: weight-only INT8 (dynamic quantization).
+and returns (velocity, plan); run the sampler/CFG loop around it, `has_prev` False at the first step.
+`onnx/denoiser_edit.onnx` adds (task, source) for edit / inpaint / SR: `task` int64 (1 edit, 2 inpaint,
+3 sr) and `source` the source image's normalised VAE latent (the encoder's mean, `(mean - {shift}) * {scale}`),
+shaped like z. `onnx/vae_decoder.onnx` maps a VAE-space latent to an image. `*.int8.onnx`: weight-only INT8
+(dynamic quantization).
 """
 
+DISTILLED_README = """, consistency-distilled: `generate(..., steps<={max_steps})` uses the consistency sampler
+(x0 = z - t v, re-noised with fresh noise each step; time shift {time_shift}) unless `sampler="euler"` is given"""
 
-def export_config(config: Any) -> dict[str, Any]:
-    """The exported `config.json`: the model config, latent normalisation, text encoder, sampling defaults."""
+
+def _time_shift(config: Any, stage: str, default: float = 1.0) -> float:
+    """`train.<stage>.time_shift` of a run's config, or `default` when the config has none."""
+    try:
+        return float(config.train[stage].time_shift)
+    except (AttributeError, KeyError, TypeError):
+        return default
+
+
+def export_config(config: Any, stages: Sequence[str] = ()) -> dict[str, Any]:
+    """The exported `config.json`: the model config, latent normalisation, text encoder, sampling defaults.
+
+    Args:
+      config: the run's config.
+      stages: the stages the run has checkpoints of (`latest_steps(workdir)`); the latest denoising
+        one is whose denoiser `load_run` returns, and a "consistency" one makes the weights
+        consistency-distilled (`generate` then samples few steps with the consistency rule).
+    """
+    from microforge_jax.checkpoint import DENOISER_STAGES
     from microforge_jax.config import ModelConfig
+    from microforge_jax.pipeline import MAX_CONSISTENCY_STEPS
     from microforge_jax.text import resolve_text_config
 
     model_cfg = ModelConfig.from_config(config)
     text_cfg = resolve_text_config(model_cfg.text)
     model_cfg = dataclasses.replace(model_cfg, text=text_cfg)
     model = json.loads(json.dumps(dataclasses.asdict(model_cfg)))  # tuples -> lists, as any reader sees them
-    try:
-        shift = float(config.train.flow.time_shift)
-    except (AttributeError, KeyError, TypeError):
-        shift = 1.0
+    shift = _time_shift(config, "flow")
+    denoiser_stage = next((s for s in reversed(DENOISER_STAGES) if s in stages), None)
     simple = text_cfg.encoder == "simple"
     return {
         "format": FORMAT,
@@ -72,6 +99,13 @@ def export_config(config: Any) -> dict[str, Any]:
         "model": model,
         "image_size": int(config.get("image_size", 64)),
         "time_shift": shift,
+        "stages": list(stages),
+        "denoiser_stage": denoiser_stage,
+        "consistency": {
+            "distilled": denoiser_stage == "consistency",
+            "time_shift": _time_shift(config, "consistency", shift),
+            "max_steps": MAX_CONSISTENCY_STEPS,
+        },
         "latent": {"scaling_factor": model_cfg.vae.scaling_factor, "shift_factor": model_cfg.vae.shift_factor},
         "text_encoder": {
             "encoder": text_cfg.encoder,
@@ -108,14 +142,14 @@ def export_run(
     import torch
     from safetensors.torch import save_file
 
-    from microforge_jax.checkpoint import load_run
+    from microforge_jax.checkpoint import latest_steps, load_run
     from microforge_jax.export.convert import jax_to_torch
     from microforge_jax.export.torch_model import MicroForgeTorch
     from microforge_jax.text import resolve_text_folder
 
     config, params = load_run(workdir)
-    exported = export_config(config)
-    text = exported["text_encoder"]
+    exported = export_config(config, tuple(latest_steps(workdir)))
+    text, consistency = exported["text_encoder"], exported["consistency"]
     needed = ["vae", "denoiser"] + (["text"] if text["encoder"] == "simple" else [])
     missing = [k for k in needed if k not in params]
     if missing:
@@ -128,7 +162,12 @@ def export_run(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    summary: dict[str, Any] = {"out": str(out), "parameters": sum(v.numel() for v in state.values())}
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "parameters": sum(v.numel() for v in state.values()),
+        "denoiser_stage": exported["denoiser_stage"],
+        "consistency_distilled": consistency["distilled"],
+    }
     try:
         (tmp / "config.json").write_text(json.dumps(exported, indent=2) + "\n")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": FORMAT})
@@ -146,7 +185,8 @@ def export_run(
                 report = quantize_int8(model, tmp / "onnx", report)
             (tmp / "onnx" / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             summary["onnx"] = report
-            onnx_text = ONNX_README.format(batch=batch)
+            latent = exported["latent"]
+            onnx_text = ONNX_README.format(batch=batch, shift=latent["shift_factor"], scale=latent["scaling_factor"])
         (tmp / "README.md").write_text(
             README.format(
                 name=exported["name"] or workdir.name,
@@ -157,6 +197,8 @@ def export_run(
                 scale=exported["latent"]["scaling_factor"],
                 text=f"{text['encoder']} ({text['weights']}; tokenizer: {text['tokenizer']}), max_length {text['max_length']}",
                 onnx=onnx_text,
+                stage=exported["denoiser_stage"],
+                distilled=DISTILLED_README.format(**exported["consistency"]) if consistency["distilled"] else "",
             )
         )
         if out.exists():
@@ -168,7 +210,11 @@ def export_run(
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    print(f"exported {summary['parameters']:,} parameters to {summary['out']}")
+    distilled = ", consistency-distilled" if summary["consistency_distilled"] else ""
+    print(
+        f"exported {summary['parameters']:,} parameters (denoiser of stage {summary['denoiser_stage']}{distilled}) "
+        f"to {summary['out']}"
+    )
     for rep in summary.get("onnx", {}).values():
         errs = ", ".join(f"{k} {v:.1e}" for k, v in rep["relerr"].items())
         print(f"  onnx/{rep['file']}: {rep['bytes'] / 1e6:.2f} MB ({rep['exporter']}), onnxruntime vs torch: {errs}")

@@ -1,10 +1,14 @@
 """ONNX graphs of the PyTorch mirror (static shapes), checked with onnxruntime, and weight INT8.
 
-Two graphs, the pieces a phone runtime loops over:
+Three graphs, the pieces a phone runtime loops over:
 
 - `denoiser_step.onnx`: (z, t, text, text_mask, pooled, prev_plan, has_prev) -> (velocity, plan),
   the planner and the backbone at a static batch N (2 = one prompt with guidance) and latent size;
-  the sampler loop, CFG mix and Euler step stay in the host language (`MicroForgeTorch.sample`).
+  the sampler loop, CFG mix and Euler / consistency step stay in the host language
+  (`MicroForgeTorch.sample`).
+- `denoiser_edit.onnx`: the same plus (task, source) -> (velocity, plan), for edit / inpaint / SR:
+  `task` (N,) int64 (1 / 2 / 3), `source` (N, C, h, w) the source image's normalised VAE latent;
+  the backbone runs on the [target | source] grid (h, 2w), so it is a graph of its own.
 - `vae_decoder.onnx`: latent (B, C, h, w) in VAE space -> image (B, 3, H, W).
 
 Needs `onnx`, `onnxruntime` and (for the default dynamo exporter) `onnxscript`; the TorchScript
@@ -20,13 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from microforge_jax.export.torch_model import DenoiserStep, MicroForgeTorch
+from microforge_jax.export.torch_model import DenoiserEditStep, DenoiserStep, MicroForgeTorch
 
 OPSET = 18
+STEP_INPUTS = ["z", "t", "text", "text_mask", "pooled", "prev_plan", "has_prev"]
+EDIT_INPUTS = [*STEP_INPUTS, "task", "source"]
 
 
 def example_inputs(model: MicroForgeTorch, batch: int, latent_hw: tuple[int, int], seed: int = 0) -> dict[str, Any]:
-    """Random inputs of the right shapes for both graphs (rows alternate has_prev, text padding)."""
+    """Random inputs of the right shapes for the graphs (rows alternate has_prev, text padding; tasks cycle
+    edit, inpaint, sr)."""
     cfg = model.config["model"]
     c, m, e = cfg["latent_channels"], cfg["text"]["max_length"], cfg["backbone"]["text_dim"]
     k, d = cfg["planner"]["num_tokens"], cfg["backbone"]["dim"]
@@ -41,6 +48,8 @@ def example_inputs(model: MicroForgeTorch, batch: int, latent_hw: tuple[int, int
         "pooled": torch.randn(batch, e, generator=g),
         "prev_plan": torch.randn(batch, k, d, generator=g),
         "has_prev": torch.arange(batch) % 2 == 0,
+        "task": 1 + torch.arange(batch) % 3,
+        "source": torch.randn(batch, c, *latent_hw, generator=g),
     }
 
 
@@ -92,7 +101,7 @@ def run_onnx(path: str | Path, feeds: dict[str, Any]) -> list[np.ndarray]:
 def export_onnx(
     model: MicroForgeTorch, out: str | Path, batch: int = 2, latent_hw: tuple[int, int] | None = None
 ) -> dict:
-    """Writes `denoiser_step.onnx` and `vae_decoder.onnx` into `out` and checks them against PyTorch.
+    """Writes `denoiser_step.onnx`, `denoiser_edit.onnx` and `vae_decoder.onnx` into `out`, checked against PyTorch.
 
     Args:
       model: the loaded mirror (eval mode).
@@ -101,8 +110,9 @@ def export_onnx(
       latent_hw: the latent grid (default: the config's image size / VAE factor).
 
     Returns:
-      {"denoiser_step": {...}, "vae_decoder": {...}}: per graph its file, exporter, size in bytes,
-      and the normwise relative error of onnxruntime vs PyTorch per output.
+      {"denoiser_step": {...}, "denoiser_edit": {...}, "vae_decoder": {...}}: per graph its file,
+      exporter, size in bytes, input shapes, and the normwise relative error of onnxruntime vs PyTorch
+      per output.
     """
     out = Path(out)
     cfg = model.config["model"]
@@ -112,20 +122,23 @@ def export_onnx(
         latent_hw = (size // f, size // f)
     x = example_inputs(model, batch, latent_hw)
     report: dict[str, Any] = {}
-    step = DenoiserStep(model.denoiser).eval()
-    names = ["z", "t", "text", "text_mask", "pooled", "prev_plan", "has_prev"]
-    with torch.no_grad():
-        expected = step(*(x[n] for n in names))
-    path = out / "denoiser_step.onnx"
-    exporter = _export(step, tuple(x[n] for n in names), path, names, ["velocity", "plan"])
-    got = run_onnx(path, x)
-    report["denoiser_step"] = {
-        "file": path.name,
-        "exporter": exporter,
-        "bytes": path.stat().st_size,
-        "inputs": {n: list(x[n].shape) for n in names},
-        "relerr": {o: _relerr(g, e.numpy()) for o, g, e in zip(["velocity", "plan"], got, expected)},
+    steps = {
+        "denoiser_step": (DenoiserStep(model.denoiser).eval(), STEP_INPUTS),
+        "denoiser_edit": (DenoiserEditStep(model.denoiser).eval(), EDIT_INPUTS),
     }
+    for key, (step, names) in steps.items():
+        with torch.no_grad():
+            expected = step(*(x[n] for n in names))
+        path = out / f"{key}.onnx"
+        exporter = _export(step, tuple(x[n] for n in names), path, names, ["velocity", "plan"])
+        got = run_onnx(path, x)
+        report[key] = {
+            "file": path.name,
+            "exporter": exporter,
+            "bytes": path.stat().st_size,
+            "inputs": {n: list(x[n].shape) for n in names},
+            "relerr": {o: _relerr(g, e.numpy()) for o, g, e in zip(["velocity", "plan"], got, expected)},
+        }
     dec_batch = max(1, batch // 2)
     z = x["z"][:dec_batch]
     decoder = model.vae.decoder.eval()
@@ -152,17 +165,18 @@ def quantize_int8(model: MicroForgeTorch, out: str | Path, report: dict) -> dict
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = Path(out)
-    feeds: dict[str, Any] = {}
-    for key, ops in (("denoiser_step", ["MatMul", "Gemm"]), ("vae_decoder", ["MatMul", "Gemm", "Conv"])):
+    shapes = report["denoiser_step"]["inputs"]
+    feeds = example_inputs(model, shapes["z"][0], tuple(shapes["z"][2:]), seed=1)  # unseen inputs
+    latent = {"latent": feeds["z"][: report["vae_decoder"]["inputs"]["latent"][0]]}
+    graphs = {
+        "denoiser_step": (["MatMul", "Gemm"], feeds),
+        "denoiser_edit": (["MatMul", "Gemm"], feeds),
+        "vae_decoder": (["MatMul", "Gemm", "Conv"], latent),
+    }
+    for key, (ops, graph_feeds) in graphs.items():
         src = out / report[key]["file"]
         dst = out / src.name.replace(".onnx", ".int8.onnx")
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=ops)
-        if key == "denoiser_step":
-            shapes = report[key]["inputs"]
-            feeds = example_inputs(model, shapes["z"][0], tuple(shapes["z"][2:]), seed=1)  # unseen inputs
-            graph_feeds = feeds
-        else:
-            graph_feeds = {"latent": feeds["z"][: report[key]["inputs"]["latent"][0]]}
         ref, q = run_onnx(src, graph_feeds), run_onnx(dst, graph_feeds)
         report[key]["int8"] = {
             "file": dst.name,

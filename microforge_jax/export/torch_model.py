@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 NUM_TASKS, NUM_MOD = 4, 6
 TASKS = ("generate", "edit", "inpaint", "sr")
+SAMPLERS = ("euler", "consistency")
 BOS_ID, EOS_ID, PAD_ID, SIMPLE_VOCAB = 256, 257, 258, 259
 
 
@@ -858,11 +859,26 @@ def time_grid(steps: int, shift: float = 1.0, device: torch.device | str | None 
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
+def euler_step(z: Tensor, v: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+    """One Euler step of dz/dt = v from t down to t_next: z - (t - t_next) v."""
+    return z - (t - t_next) * v
+
+
+def consistency_step(z: Tensor, v: Tensor, t: Tensor, t_next: Tensor, eps: Tensor) -> Tensor:
+    """The consistency sampler's step (`sampling.consistency_step`): x0 = z - t v, then (1 - t_next) x0 + t_next eps.
+
+    `eps` is fresh N(0, 1) noise of z's shape, drawn anew for each step; at t_next = 0 the step returns x0.
+    """
+    x0 = z - t * v
+    return (1.0 - t_next) * x0 + t_next * eps
+
+
 class MicroForgeTorch(nn.Module):
     """The exported model: `vae`, `denoiser` and (for the simple encoder) `text`, plus the sampler.
 
     Attributes:
-      config: the exported `config.json` (model config under "model").
+      config: the exported `config.json` (model config under "model"; "consistency" says whether the
+        weights are consistency-distilled, and the few-step sampler's time shift and step limit).
       text_encoder: `encode(prompts) -> (tokens, mask, pooled)` (SimpleTextEncoder or HFTextEncoder).
     """
 
@@ -882,6 +898,25 @@ class MicroForgeTorch(nn.Module):
         """What `generate` encodes prompts with: the simple encoder, or the Hugging Face one."""
         return self.text if self.text is not None else self.hf_text
 
+    def resolve_sampler(self, sampler: str | None, steps: int) -> str:
+        """The step rule `generate` uses: `sampler`, or by default the consistency rule for
+        consistency-distilled weights at steps <= `config["consistency"]["max_steps"]` (4), else Euler."""
+        if sampler is None:
+            consistency = self.config.get("consistency") or {}
+            few_steps = steps <= int(consistency.get("max_steps", 0))
+            return "consistency" if consistency.get("distilled", False) and few_steps else "euler"
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; samplers are {', '.join(SAMPLERS)}")
+        return sampler
+
+    def default_shift(self, sampler: str) -> float:
+        """The time shift the weights trained with: the consistency stage's for the consistency rule
+        (when the export records one), else the flow stage's (`config["time_shift"]`)."""
+        consistency = self.config.get("consistency") or {}
+        if sampler == "consistency" and "time_shift" in consistency:
+            return float(consistency["time_shift"])
+        return float(self.config.get("time_shift", 1.0))
+
     @torch.no_grad()
     def sample(
         self,
@@ -895,19 +930,37 @@ class MicroForgeTorch(nn.Module):
         source_Bx3xHxW: Tensor | None = None,
         task: int = 0,
         decode: bool = True,
+        sampler: str = "euler",
+        generator: torch.Generator | None = None,
+        step_noise_SxBxCxhxw: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor]:
-        """Euler from t=1 to 0 with CFG on a stacked [cond ; uncond] batch and the plan carried.
+        """From t=1 to 0 with CFG on a stacked [cond ; uncond] batch and the plan carried.
 
         Args:
           text, uncond: (tokens, mask, pooled) of the prompts and of the empty prompt (batch 1 is
             broadcast); `uncond=None` samples without guidance.
           noise_BxCxhxw: N(0, 1) in the backbone's normalised latent space.
-          scale: guidance scale; steps: Euler steps; shift: time-grid shift.
+          scale: guidance scale; steps: sampler steps S; shift: time-grid shift.
           source_Bx3xHxW: the source image in [-1, 1] for edit / inpaint / sr (task 1 / 2 / 3).
+          sampler: the step rule, "euler" (`euler_step`) or "consistency" (`consistency_step`: denoise
+            to x0, re-noise with fresh noise each step; for consistency-distilled weights).
+          generator: where the consistency rule draws its step noise (one (B, C, h, w) draw per
+            step); None: torch's global generator.
+          step_noise_SxBxCxhxw: the consistency rule's step noise given instead (step k uses row k; the
+            last step's is multiplied by t = 0), e.g. to reproduce a JAX sample.
 
         Returns:
           (images (B, 3, H, W) in [-1, 1] or None, final normalised latent (B, C, h, w)).
         """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; samplers are {', '.join(SAMPLERS)}")
+        consistency = sampler == "consistency"
+        if step_noise_SxBxCxhxw is not None:
+            if not consistency:
+                raise ValueError(f"step noise is used by the consistency sampler only, not {sampler!r}")
+            expected = (steps, *noise_BxCxhxw.shape)
+            if tuple(step_noise_SxBxCxhxw.shape) != expected:
+                raise ValueError(f"step noise must have shape {expected}, got {tuple(step_noise_SxBxCxhxw.shape)}")
         b = noise_BxCxhxw.shape[0]
         guided = uncond is not None
         dev = noise_BxCxhxw.device
@@ -927,7 +980,15 @@ class MicroForgeTorch(nn.Module):
             z_N = torch.cat([z, z]) if guided else z
             v_N, plan = self.denoiser(z_N, ts[k].expand(n), *text, plan, None, task_N, source)
             v = v_N[b:] + scale * (v_N[:b] - v_N[b:]) if guided else v_N
-            z = z - (ts[k] - ts[k + 1]) * v
+            if consistency:
+                if step_noise_SxBxCxhxw is not None:
+                    eps = step_noise_SxBxCxhxw[k]
+                else:
+                    gen_dev = generator.device if generator is not None else dev
+                    eps = torch.randn(z.shape, generator=generator, device=gen_dev)
+                z = consistency_step(z, v, ts[k], ts[k + 1], eps.to(dev).float())
+            else:
+                z = euler_step(z, v, ts[k], ts[k + 1])
         images = None
         if decode:
             images = self.vae.decode(z / self.scaling_factor + self.shift_factor).clamp(-1.0, 1.0)
@@ -943,18 +1004,27 @@ class MicroForgeTorch(nn.Module):
         noise: Tensor | None = None,
         size: tuple[int, int] | None = None,
         shift: float | None = None,
+        sampler: str | None = None,
+        step_noise: Tensor | None = None,
     ) -> np.ndarray:
         """Text to image: uint8 (N, H, W, 3). `cfg == 1` runs without guidance.
 
         The noise comes from `torch.Generator().manual_seed(seed)` (not JAX's generator: pass
-        `noise` (N, C, h, w) to reproduce a JAX sample).
+        `noise` (N, C, h, w), and for the consistency rule `step_noise` (steps, N, C, h, w), to
+        reproduce a JAX sample); the consistency rule's step noise continues that generator's stream.
+
+        Args:
+          sampler: "euler" or "consistency"; None: `resolve_sampler` (consistency for
+            consistency-distilled weights at steps <= 4, as the JAX pipeline).
+          shift: time-grid shift; None: `default_shift(sampler)`, what the weights trained with.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        sampler = self.resolve_sampler(sampler, steps)
         cfg_m = self.config["model"]
         f, c = cfg_m["vae"]["downsample_factor"], cfg_m["latent_channels"]
         size = size or (int(self.config.get("image_size", 64)),) * 2
+        gen = torch.Generator().manual_seed(seed)
         if noise is None:
-            gen = torch.Generator().manual_seed(seed)
             noise = torch.randn((len(prompts), c, size[0] // f, size[1] // f), generator=gen)
         noise = noise.to(next(self.parameters()).device)
         text = self.text_encoder.encode(prompts)
@@ -963,8 +1033,18 @@ class MicroForgeTorch(nn.Module):
             if self._uncond is None:
                 self._uncond = self.text_encoder.encode([""])
             uncond = self._uncond
-        shift = float(self.config.get("time_shift", 1.0)) if shift is None else shift
-        images, _ = self.sample(text, uncond, noise, cfg, steps, shift=shift)
+        shift = self.default_shift(sampler) if shift is None else shift
+        images, _ = self.sample(
+            text,
+            uncond,
+            noise,
+            cfg,
+            steps,
+            shift=shift,
+            sampler=sampler,
+            generator=gen,
+            step_noise_SxBxCxhxw=step_noise,
+        )
         x = (images.permute(0, 2, 3, 1).cpu().numpy() + 1.0) * 127.5
         return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
@@ -981,6 +1061,22 @@ class DenoiserStep(nn.Module):
 
     def forward(self, z, t, text, text_mask, pooled, prev_plan, has_prev) -> tuple[Tensor, Tensor]:
         return self.denoiser(z, t, text, text_mask, pooled, prev_plan, has_prev)
+
+
+class DenoiserEditStep(nn.Module):
+    """`DenoiserStep` with a source, for ONNX: edit / inpaint / SR on the [target | source] grid.
+
+    Extra inputs: `task` (N,) int64 task ids (1 edit, 2 inpaint, 3 sr) and `source` (N, C, h, w),
+    the source image's normalised VAE latent (the posterior mean, `(mean - shift) * scale`), the
+    target's shape. Returns (v (N, C, h, w) of the target half only, new plan).
+    """
+
+    def __init__(self, denoiser: Denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, z, t, text, text_mask, pooled, prev_plan, has_prev, task, source) -> tuple[Tensor, Tensor]:
+        return self.denoiser(z, t, text, text_mask, pooled, prev_plan, has_prev, task, source)
 
 
 def load_exported(folder: str | Path, *, text_encoder: bool = True) -> MicroForgeTorch:

@@ -137,6 +137,9 @@ def get_config() -> ml_collections.ConfigDict:
     f.caption_dropout = 0.1  # the empty prompt instead of the caption, for guidance
     f.self_cond_prob = 0.5  # planner self-conditioning (RIN): share of the batch given a previous plan
     f.text_cache = True  # encode each unique caption once (frozen encoders only)
+    # Shapes world only: probabilities of training scenes with 1, 2, 3 objects (the world's own mix
+    # by default; validation always uses it). More single-object scenes teach colour/shape binding faster.
+    f.objects_p = (0.4, 0.35, 0.25)
     # Keep the frozen VAE's posterior (mean, logvar) of each training image on the host and sample from it
     # each step: skips the encoder from the 2nd epoch of a finite dataset (the shapes world never repeats)
     f.cache_latents = False

@@ -330,11 +330,14 @@ def _stage_data(config, stage: str, hp, split: str = "train"):
     """A stage's batches: the shapes world or `data.path`; split "val" is fixed (no shuffle).
 
     A folder has no split of its own: its "val" batches are its first images in file order
-    (a fixed set, but seen in training).
+    (a fixed set, but seen in training). `hp.objects_p` (flow stage) sets the object-count mix
+    of the training scenes only: validation keeps the world's own mix.
     """
     kw: dict[str, Any] = {"worker_count": config.data.worker_count}
     if split != "train":
         kw.update(shuffle=False, worker_count=0, read_threads=0)
+    elif hp.get("objects_p") is not None and config.data.source == "shapes":  # .get: other stages, older runs
+        kw.update(objects_p=tuple(hp.objects_p))
     if config.data.source == "folder":
         return imagefolder.folder_dataset(
             stage, config.data.path, batch_size=hp.batch_size, seed=config.seed, image_size=config.image_size, **kw

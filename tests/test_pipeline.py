@@ -149,3 +149,14 @@ def test_edit_mixture_resumes_exactly_and_splits_by_process():
 def test_stage_transform_rejects_unknown_stage():
     with pytest.raises(ValueError, match="no input pipeline for stage"):
         stage_transform("distill")
+
+
+def test_flow_objects_p_reaches_the_rendered_training_images():
+    from microforge_jax.eval.shapes_eval import detect_objects
+
+    kw = dict(batch_size=8, seed=0, image_size=64, num_records=64, read_threads=0)
+    batch = _take(shapes_dataset("flow", objects_p=(0.0, 0.0, 1.0), **kw), 1)[0]
+    images = np.rint((batch["image"] + 1.0) * 127.5).astype(np.uint8)
+    assert [len(detect_objects(im)) for im in images] == [3] * 8  # read back from the pixels
+    default = _take(shapes_dataset("flow", **kw), 1)[0]
+    assert len({len(detect_objects(np.rint((im + 1.0) * 127.5).astype(np.uint8))) for im in default["image"]}) > 1

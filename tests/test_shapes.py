@@ -206,3 +206,33 @@ def test_modules_import_no_jax():
         "assert 'jax' not in sys.modules, 'jax imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_objects_p_sets_the_object_count_mix_and_keeps_the_default_stream():
+    # The default mix draws exactly the scenes of the world's own sampler (records unchanged):
+    # the count from one choice over (0.4, 0.35, 0.25), then the scene of that count.
+    assert S.NUM_OBJECTS_P == (0.4, 0.35, 0.25)
+    for i in range(20):
+        rng_a, rng_b = S._rng(0, "train", "generate", i), S._rng(0, "train", "generate", i)
+        n = int(rng_b.choice(3, p=[0.4, 0.35, 0.25])) + 1
+        assert S.sample_scene(rng_a) == S.sample_scene(rng_b, num_objects=n)
+    # Degenerate mixes give only that count; a skewed one its proportion (n = 600: 4 sigma is 0.065).
+    for k in range(3):
+        p = tuple(float(j == k) for j in range(3))
+        src = S.ShapesSource("generate", num_records=30, image_size=32, objects_p=p)
+        assert {len(S.scene_from_json(src[i]["scene"]).objects) for i in range(30)} == {k + 1}
+    counts = np.bincount(
+        [len(S.sample_scene(S._rng(0, "train", "generate", i), objects_p=(0.8, 0.1, 0.1)).objects) for i in range(600)],
+        minlength=4,
+    )
+    assert abs(counts[1] / 600 - 0.8) < 0.065 and counts[2] > 0 and counts[3] > 0
+    # A one-object scene keeps the rest of its stream: same first object as under the default
+    # mix whenever the default also drew one object.
+    for i in range(40):
+        default = S.sample_scene(S._rng(0, "train", "generate", i))
+        single = S.sample_scene(S._rng(0, "train", "generate", i), objects_p=(1.0, 0.0, 0.0))
+        if len(default.objects) == 1:
+            assert single == default
+    for bad in [(0.5, 0.5), (0.5, 0.6, 0.1), (-0.1, 0.6, 0.5)]:
+        with pytest.raises(ValueError, match="objects_p"):
+            S.ShapesSource("generate", objects_p=bad)

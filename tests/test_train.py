@@ -331,3 +331,17 @@ def test_cached_latents_give_the_same_losses_and_hit_from_the_second_epoch(tmp_p
     err = float(np.max(np.abs(np.subtract(losses[True], losses[False])) / np.abs(losses[False])))
     print(f"\ncached vs encoded latents, flow losses: max relative difference {err:.1e}")
     assert err <= 1e-5, (losses[True], losses[False])
+
+
+def test_flow_objects_p_shapes_the_training_scenes_not_the_validation_ones():
+    from microforge_jax.eval.shapes_eval import detect_objects  # noqa: PLC0415
+
+    config = _config("image_size=64", "train.flow.objects_p=(1.0,0.0,0.0)", batch=16)
+    hp = config.train.flow
+    counts = lambda batch: [
+        len(detect_objects(np.rint((im + 1.0) * 127.5).astype(np.uint8))) for im in batch["image"]
+    ]  # fmt: skip
+    assert counts(next(iter(train_lib._stage_data(config, "flow", hp)))) == [1] * 16
+    assert len(set(counts(next(iter(train_lib._stage_data(config, "flow", hp, split="val")))))) > 1
+    # other stages (no such key) keep the world's own mix
+    assert len(set(counts(next(iter(train_lib._stage_data(config, "vae", config.train.vae)))))) > 1

@@ -38,7 +38,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from microforge_jax.data.shapes import TASKS, ShapesSource
+from microforge_jax.data.shapes import NUM_OBJECTS_P, TASKS, ShapesSource
 
 Record = dict[str, Any]
 
@@ -219,6 +219,7 @@ def shapes_dataset(
     num_records: int = 1 << 20,
     data_seed: int = 0,
     weights: Sequence[float] | None = None,
+    objects_p: Sequence[float] = NUM_OBJECTS_P,
     **kwargs: Any,
 ) -> grain.IterDataset:
     """Training batches of one stage from the built-in shapes world.
@@ -232,13 +233,18 @@ def shapes_dataset(
       num_records: records per task (one epoch of each source).
       data_seed: the world's seed (which scenes exist), independent of the shuffle seed.
       weights: mixing proportions of the stage's tasks (`STAGE_TASKS[stage]` order).
+      objects_p: probabilities of scenes with 1, 2, 3 objects (`shapes.NUM_OBJECTS_P` by default;
+        the edit task keeps the world's mix).
       **kwargs: passed to `make_dataset` (num_epochs, process_index/count, worker_count, ...).
 
     Returns:
       The stage's `grain.IterDataset` (fields in the module docstring).
     """
     transform = stage_transform(stage)
-    sources = [ShapesSource(task, split, image_size, num_records, data_seed) for task in STAGE_TASKS[stage]]
+    sources = [
+        ShapesSource(task, split, image_size, num_records, data_seed, objects_p=tuple(objects_p))
+        for task in STAGE_TASKS[stage]
+    ]
     return make_dataset(
         sources if len(sources) > 1 else sources[0],
         batch_size=batch_size,

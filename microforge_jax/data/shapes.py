@@ -61,6 +61,7 @@ __all__ = [
     "BACKGROUND_COLOURS",
     "COLOURS",
     "HELDOUT_PAIRS",
+    "NUM_OBJECTS_P",
     "POSITIONS",
     "SHAPES",
     "SIZES",
@@ -94,7 +95,7 @@ HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
 _HELDOUT_LIST = sorted(HELDOUT_PAIRS)
 _COLOUR_NAMES = tuple(COLOURS)
 _BG_NAMES = tuple(BACKGROUND_COLOURS)
-_NUM_OBJECTS_P = (0.4, 0.35, 0.25)  # 1, 2, 3 objects
+NUM_OBJECTS_P: tuple[float, float, float] = (0.4, 0.35, 0.25)  # 1, 2, 3 objects (the world's own mix)
 _COUNT_WORDS = ("zero", "one", "two", "three")
 
 
@@ -127,18 +128,33 @@ def _sample_background(rng: np.random.Generator) -> Background:
     return Background(kind, colours, ORIENTATIONS[rng.integers(2)])
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train", num_objects: int | None = None) -> Scene:
+def _check_objects_p(objects_p: Any) -> tuple[float, float, float]:
+    p = tuple(float(x) for x in objects_p)
+    if len(p) != 3 or min(p) < 0 or abs(sum(p) - 1.0) > 1e-6:
+        raise ValueError(f"objects_p must be 3 probabilities (1, 2, 3 objects) summing to 1, got {objects_p}")
+    return p
+
+
+def sample_scene(
+    rng: np.random.Generator,
+    split: str = "train",
+    num_objects: int | None = None,
+    objects_p: tuple[float, float, float] = NUM_OBJECTS_P,
+) -> Scene:
     """Draws a random scene for a split (see the module docstring for what each split allows).
 
     Args:
       rng: the random stream (one per record).
       split: "train", "val" or "heldout".
-      num_objects: 1-3, or None to draw it (40% / 35% / 25%).
+      num_objects: 1-3, or None to draw it from `objects_p`.
+      objects_p: probabilities of 1, 2 and 3 objects (default the world's 40% / 35% / 25%). The
+        draw takes one number from `rng` whatever `objects_p` is, so the rest of the scene follows
+        the same stream: with the default the records are unchanged.
 
     Returns:
       A Scene.
     """
-    n = int(rng.choice(3, p=_NUM_OBJECTS_P)) + 1 if num_objects is None else num_objects
+    n = int(rng.choice(3, p=_check_objects_p(objects_p))) + 1 if num_objects is None else num_objects
     cells = rng.choice(9, n, replace=False)
     objs = []
     for k, cell in enumerate(cells):
@@ -313,7 +329,13 @@ def _random_rect(rng: np.random.Generator, image_size: int) -> np.ndarray:
 
 
 def make_record(
-    task: str, index: int, split: str = "train", image_size: int = 64, seed: int = 0, sr_factor: int = 4
+    task: str,
+    index: int,
+    split: str = "train",
+    image_size: int = 64,
+    seed: int = 0,
+    sr_factor: int = 4,
+    objects_p: tuple[float, float, float] = NUM_OBJECTS_P,
 ) -> dict[str, Any]:
     """One record of a task (formats in the module docstring).
 
@@ -324,6 +346,8 @@ def make_record(
       image_size: output resolution (a multiple of `sr_factor` for "sr").
       seed: the dataset seed.
       sr_factor: low-res downsampling factor for "sr".
+      objects_p: probabilities of 1, 2, 3 objects in the scene (generate, inpaint, sr; the edit
+        task keeps the world's mix).
 
     Returns:
       A dict of numpy arrays and strings.
@@ -346,7 +370,7 @@ def make_record(
             source_scene=json.dumps(src.to_dict()),
         )
         return rec
-    scene = sample_scene(rng, split)
+    scene = sample_scene(rng, split, objects_p=objects_p)
     image = render_scene(scene, image_size)
     rec.update(image=image, text=_random_caption(rng, scene), scene=json.dumps(scene.to_dict()))
     if task == "inpaint":
@@ -376,6 +400,7 @@ class ShapesSource:
         num_records: int = 1 << 20,
         seed: int = 0,
         sr_factor: int = 4,
+        objects_p: tuple[float, float, float] = NUM_OBJECTS_P,
     ):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
@@ -385,6 +410,7 @@ class ShapesSource:
             raise ValueError(f"image_size {image_size} must be a multiple of the SR factor {sr_factor}")
         self.task, self.split, self.image_size = task, split, image_size
         self.num_records, self.seed, self.sr_factor = num_records, seed, sr_factor
+        self.objects_p = _check_objects_p(objects_p)
 
     def __len__(self) -> int:
         return self.num_records
@@ -393,12 +419,12 @@ class ShapesSource:
         index = int(index)
         if not 0 <= index < self.num_records:
             raise IndexError(f"index {index} out of range [0, {self.num_records})")
-        return make_record(self.task, index, self.split, self.image_size, self.seed, self.sr_factor)
+        return make_record(self.task, index, self.split, self.image_size, self.seed, self.sr_factor, self.objects_p)
 
     def __repr__(self) -> str:
         return (
             f"ShapesSource(task={self.task!r}, split={self.split!r}, image_size={self.image_size}, "
-            f"num_records={self.num_records}, seed={self.seed})"
+            f"num_records={self.num_records}, seed={self.seed}, objects_p={self.objects_p})"
         )
 
 

@@ -5,7 +5,8 @@
 (the same as `python train.py --config configs/nano.py --workdir runs/nano`)
 
 Sized by measurement for a 2-core CPU (BENCHMARKS.md, "The default run"): the whole curriculum
-(VAE, flow, edit) plus the ShapesEval at the end took 25 minutes (goal: 20).
+(VAE, flow, edit) plus the ShapesEval at the end took 25 minutes with 700 flow and 200 edit steps;
+issue 8 cut them to 500 and 100 for the 20-minute goal (not yet timed end to end).
 """
 
 from configs import base
@@ -49,14 +50,22 @@ def get_config():
     v.gan_weight = 0.0
 
     f = c.train.flow
-    f.steps = 700
+    # 500 steps (not 700) so the whole run fits the 20-minute goal; with the lr and scene mix below
+    # they beat the old 700-step recipe on every per-object attribute (issue 8).
+    f.steps = 500
     f.batch_size = 32
-    f.lr = 1e-3
-    f.warmup_steps = 100
+    # Issue 8, flow-only runs on one VAE (ShapesEval of 100 held-out prompts, guidance 4; per-object
+    # colour / shape / size / position): 700 steps at lr 1e-3, 100 warm-up steps: 17.8 / 16.7 /
+    # 40.0 / 30.0%; lr 2e-3, 50 warm-up: 33.3 / 14.4 / 44.4 / 22.8% (val loss 0.341 -> 0.305);
+    # plus 70% one-object scenes: 35.6 / 17.2 / 51.7 / 35.6%; the same in 500 steps: 32.2 / 18.9 /
+    # 45.6 / 35.6%.
+    f.lr = 2e-3
+    f.warmup_steps = 50
+    f.objects_p = (0.7, 0.2, 0.1)  # 1, 2, 3 objects: one-object captions bind colour and shape unambiguously
     f.ema_decay = 0.995
 
     e = c.train.edit
-    e.steps = 200
+    e.steps = 100  # 200 -> 100 for the 20-minute goal (the sampler and ShapesEval use this stage's weights)
     e.batch_size = 16
     e.lr = 3e-4
     e.warmup_steps = 50

@@ -183,18 +183,21 @@ def test_chunked_scan_equals_sequential_reference(form, length, chunk, relerr):
     assert max(errs) <= TOL
 
 
+# A BiSSM small enough to trace and export in a second.
+TINY_BISSM = {
+    "dim": 8,
+    "ssm_expand": 2,
+    "ssm_state": 4,
+    "dt_rank": 0,
+    "use_dwconv": True,
+    "scan_chunk": 4,
+    "conv_kernel": 3,
+}
+
+
 def test_bissm_runs_the_loop_eagerly_and_the_static_scan_when_traced(monkeypatch):
     """Eager: the fast loop; under torch.export (the ONNX dynamo exporter) or jit.trace: the static form."""
-    bb = {
-        "dim": 8,
-        "ssm_expand": 2,
-        "ssm_state": 4,
-        "dt_rank": 0,
-        "use_dwconv": True,
-        "scan_chunk": 4,
-        "conv_kernel": 3,
-    }
-    layer, x = tm.BiSSM(bb, layer_index=1).eval(), torch.randn(2, 12, 8)
+    layer, x = tm.BiSSM(TINY_BISSM, layer_index=1).eval(), torch.randn(2, 12, 8)
     calls = []
     for name in ("selective_scan", "selective_scan_static"):
         fn = getattr(tm, name)
@@ -213,16 +216,7 @@ def test_bissm_runs_the_loop_eagerly_and_the_static_scan_when_traced(monkeypatch
 
 def test_scan_form_switch_forces_either_form_with_equal_outputs(monkeypatch):
     """`SCAN_FORM` forces the loop or the static form (the GPU benchmark times both)."""
-    bb = {
-        "dim": 8,
-        "ssm_expand": 2,
-        "ssm_state": 4,
-        "dt_rank": 0,
-        "use_dwconv": True,
-        "scan_chunk": 4,
-        "conv_kernel": 3,
-    }
-    layer, x = tm.BiSSM(bb, layer_index=2).eval(), torch.randn(2, 12, 8)
+    layer, x = tm.BiSSM(TINY_BISSM, layer_index=2).eval(), torch.randn(2, 12, 8)
     calls, outs = [], {}
     for name in ("selective_scan", "selective_scan_static"):
         fn = getattr(tm, name)
@@ -693,7 +687,7 @@ def test_onnx_graphs_match_torch(exported, model, relerr):
     names = ["z", "t", "text", "text_mask", "pooled", "prev_plan", "has_prev"]
     with torch.no_grad():
         v, plan = tm.DenoiserStep(model.denoiser)(*(feeds[n] for n in names))
-        v_edit, plan_edit = tm.DenoiserEditStep(model.denoiser)(*(feeds[n] for n in names + ["task", "source"]))
+        v_edit, plan_edit = tm.DenoiserStep(model.denoiser)(*(feeds[n] for n in names + ["task", "source"]))
         image = model.vae.decoder(feeds["z"][:1])
     spread(v), spread(image), spread(v_edit)
     assert feeds["task"].tolist() == [1, 2] and relerr(v_edit.numpy(), v.numpy()) > 1e-2  # the source half matters

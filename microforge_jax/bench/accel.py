@@ -81,15 +81,7 @@ def train_row(name: str, size: int, batch: int, repeats: int, peak: float | None
     hw = (batch, size // f, size // f, c)
     batch_["latent_mean"] = jax.random.normal(jax.random.key(7), hw, jnp.float32)
     batch_["latent_logvar"] = jnp.full(hw, -4.0, jnp.float32)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batch_, rng, frozen).compile()
-    compile_s = time.perf_counter() - t0
-    holder = {"state": state}
-
-    def run():
-        holder["state"], metrics = compiled(holder["state"], batch_, rng, frozen)
-        jax.block_until_ready((holder["state"], metrics))
-
+    run, compile_s = compare.compiled_step(step, state, batch_, rng, frozen)
     ms = compare.median_ms(run, repeats)
     den = compare.denoiser_flops(cfg, (size // f, size // f))
     flops = 3 * batch * (den["dense"] + den["scan"])

@@ -492,6 +492,22 @@ def jax_flow_step(config: Any, params: dict, batch_size: int, size: int):
     return step, state, batch, jax.random.key(0), frozen
 
 
+def compiled_step(step, state, batch, rng, frozen) -> tuple[Callable[[], dict], float]:
+    """`step` compiled ahead of time, and a runner that advances the (donated) state one step and
+    waits for it: (run() -> metrics, compile seconds)."""
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch, rng, frozen).compile()
+    compile_s = time.perf_counter() - t0
+    holder = {"state": state}
+
+    def run() -> dict:
+        holder["state"], metrics = compiled(holder["state"], batch, rng, frozen)
+        jax.block_until_ready((holder["state"], metrics))
+        return metrics
+
+    return run, compile_s
+
+
 def train_rows(config: Any, size: int, batch_size: int, repeats: int) -> list[Row]:
     """One flow train step, JAX (jitted, donated) vs PyTorch eager (autograd + AdamW) on the same model."""
     cfg = ModelConfig.from_config(config)
@@ -499,16 +515,7 @@ def train_rows(config: Any, size: int, batch_size: int, repeats: int) -> list[Ro
     params = init_params(cfg, size, seed=10)
     model = torch_model(config, params).to(DEVICE)  # converted first: the JAX step donates its input state
     step, state, batch, rng, frozen = jax_flow_step(config, params, batch_size, size)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batch, rng, frozen).compile()
-    jax_compile = time.perf_counter() - t0
-    holder = {"state": state}
-
-    def run_jax():
-        holder["state"], metrics = compiled(holder["state"], batch, rng, frozen)
-        jax.block_until_ready((holder["state"], metrics))
-        return metrics
-
+    run_jax, jax_compile = compiled_step(step, state, batch, rng, frozen)
     jax_ms = median_ms(run_jax, repeats)
     jax_loss = float(run_jax()["train/loss"])
 

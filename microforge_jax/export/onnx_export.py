@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from microforge_jax.export.torch_model import DenoiserEditStep, DenoiserStep, MicroForgeTorch
+from microforge_jax.export.torch_model import DenoiserStep, MicroForgeTorch
 
 OPSET = 18
 STEP_INPUTS = ["z", "t", "text", "text_mask", "pooled", "prev_plan", "has_prev"]
@@ -122,11 +122,8 @@ def export_onnx(
         latent_hw = (size // f, size // f)
     x = example_inputs(model, batch, latent_hw)
     report: dict[str, Any] = {}
-    steps = {
-        "denoiser_step": (DenoiserStep(model.denoiser).eval(), STEP_INPUTS),
-        "denoiser_edit": (DenoiserEditStep(model.denoiser).eval(), EDIT_INPUTS),
-    }
-    for key, (step, names) in steps.items():
+    step = DenoiserStep(model.denoiser).eval()
+    for key, names in (("denoiser_step", STEP_INPUTS), ("denoiser_edit", EDIT_INPUTS)):
         with torch.no_grad():
             expected = step(*(x[n] for n in names))
         path = out / f"{key}.onnx"

@@ -1052,30 +1052,20 @@ class MicroForgeTorch(nn.Module):
 class DenoiserStep(nn.Module):
     """One denoiser evaluation with tensor-only inputs, for ONNX: (v, new plan).
 
-    `has_prev_B` False rows start the plan from p_init (the first sampling step).
+    `has_prev_B` False rows start the plan from p_init (the first sampling step). Exported with the
+    first seven inputs it is the generation step; with `task` (N,) int64 task ids (1 edit, 2 inpaint,
+    3 sr) and `source` (N, C, h, w), the source image's normalised VAE latent (the posterior mean,
+    `(mean - shift) * scale`, the target's shape), it is the edit step on the [target | source] grid
+    (v of the target half only).
     """
 
     def __init__(self, denoiser: Denoiser):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, z, t, text, text_mask, pooled, prev_plan, has_prev) -> tuple[Tensor, Tensor]:
-        return self.denoiser(z, t, text, text_mask, pooled, prev_plan, has_prev)
-
-
-class DenoiserEditStep(nn.Module):
-    """`DenoiserStep` with a source, for ONNX: edit / inpaint / SR on the [target | source] grid.
-
-    Extra inputs: `task` (N,) int64 task ids (1 edit, 2 inpaint, 3 sr) and `source` (N, C, h, w),
-    the source image's normalised VAE latent (the posterior mean, `(mean - shift) * scale`), the
-    target's shape. Returns (v (N, C, h, w) of the target half only, new plan).
-    """
-
-    def __init__(self, denoiser: Denoiser):
-        super().__init__()
-        self.denoiser = denoiser
-
-    def forward(self, z, t, text, text_mask, pooled, prev_plan, has_prev, task, source) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, z, t, text, text_mask, pooled, prev_plan, has_prev, task=None, source=None
+    ) -> tuple[Tensor, Tensor]:
         return self.denoiser(z, t, text, text_mask, pooled, prev_plan, has_prev, task, source)
 
 

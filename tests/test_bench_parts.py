@@ -222,3 +222,15 @@ def test_accel_rows_give_images_per_second_from_the_timing(monkeypatch):
     rows = accel.rows(args)
     assert [r["impl"] for r in rows] == ["bf16 matmul (1024^3)", "JAX jit sampler (scan + decode)"]
     assert rows[1]["median_ms"] == 50.0 and rows[1]["ratio"] == "40.0 images/s"  # 2 images / 50 ms
+
+
+def test_accel_train_rows_one_per_config_and_scan_form(monkeypatch):
+    from microforge_jax.bench import accel, compare
+
+    calls = []
+    monkeypatch.setattr(accel, "bf16_matmul_rate", lambda n, repeats: 1e12)
+    monkeypatch.setattr(accel, "train_row", lambda name, *a: calls.append((name, a[-1])) or compare.row("accel", name, a[-1]))
+    args = _args(accel, ["--accel-train", "tiny,small", "--accel-sample", "", "--accel-scan", "associative,pallas"])
+    args.repeats = 1
+    accel.rows(args)
+    assert calls == [("tiny", "associative"), ("tiny", "pallas"), ("small", "associative"), ("small", "pallas")]

@@ -64,15 +64,17 @@ def bf16_matmul_rate(n: int = 8192, repeats: int = 10) -> float:
     return 2 * n**3 / (ms / 1e3)
 
 
-def _bf16_config(name: str, size: int):
-    config = load_config(name, ["model.dtype=bfloat16"])
+def _bf16_config(name: str, size: int, scan: str = "auto"):
+    config = load_config(name, ["model.dtype=bfloat16", f"model.backbone.scan_impl={scan}"])
     config.image_size = size
     return config
 
 
-def train_row(name: str, size: int, batch: int, repeats: int, peak: float | None, matmul: float) -> dict:
-    """One bf16 flow step on cached posteriors: median ms, compile s and MFU."""
-    config = _bf16_config(name, size)
+def train_row(
+    name: str, size: int, batch: int, repeats: int, peak: float | None, matmul: float, scan: str = "auto"
+) -> dict:
+    """One bf16 flow step on cached posteriors with one scan form: median ms, compile s and MFU."""
+    config = _bf16_config(name, size, scan)
     cfg = ModelConfig.from_config(config)
     f, c = cfg.vae.downsample_factor, cfg.latent_channels
     params = compare.init_params(cfg, size, seed=20)
@@ -88,7 +90,7 @@ def train_row(name: str, size: int, batch: int, repeats: int, peak: float | None
     rate = flops / (ms / 1e3)
     mfu = f"{100 * rate / peak:.1f}% MFU (goal >= {100 * MFU_GOAL:.0f}%)" if peak else "peak unknown"
     return compare.row(
-        "accel", f"{name} {size}px b{batch} bf16 flow step", "JAX jit (cached latents)", ms, compile_s, mfu,
+        "accel", f"{name} {size}px b{batch} bf16 flow step", f"JAX jit (cached latents), scan {scan}", ms, compile_s, mfu,
         f"{flops / batch / 1e9:.1f} GFLOP per image fwd+bwd by hand (scan {3 * den['scan'] / 1e9:.2f}); "
         f"{rate / 1e12:.1f} TFLOP/s = {100 * rate / matmul:.0f}% of the measured bf16 matmul "
         f"({matmul / 1e12:.0f} TFLOP/s); {batch / ms * 1e3:.0f} images/s",
@@ -129,6 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accel-train-batch", type=int, default=32, help="flow-step batch")
     parser.add_argument("--accel-sample-batch", type=int, default=16, help="sampling batch")
     parser.add_argument("--accel-steps", type=int, default=4, help="guided Euler steps")
+    parser.add_argument("--accel-scan", default="auto", help="scan forms of the MFU rows, one row each (e.g. associative,pallas)")
 
 
 def rows(args) -> list[dict]:
@@ -145,13 +148,14 @@ def rows(args) -> list[dict]:
     )
     out = [compare.row("accel", kind, f"bf16 matmul ({n}^3)", None, None, f"{matmul / 1e12:.0f} TFLOP/s",
                        f"datasheet dense bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else "")]  # fmt: skip
-    jobs = [("sample", n) for n in args.accel_sample.split(",") if n]  # the cheaper compiles first
-    jobs += [("train", n) for n in args.accel_train.split(",") if n]
-    for what, name in jobs:
-        print(f"[accel] {what} {name} ...", flush=True)
+    jobs: list[tuple[str, ...]] = [("sample", n) for n in args.accel_sample.split(",") if n]  # the cheaper compiles first
+    scans = [s for s in getattr(args, "accel_scan", "auto").split(",") if s]
+    jobs += [("train", n, s) for n in args.accel_train.split(",") if n for s in scans]
+    for what, name, *scan in jobs:
+        print(f"[accel] {what} {name} {' '.join(scan)}...", flush=True)
         try:
             if what == "train":
-                r = train_row(name, args.accel_size, args.accel_train_batch, args.repeats, peak, matmul)
+                r = train_row(name, args.accel_size, args.accel_train_batch, args.repeats, peak, matmul, *scan)
             else:
                 r = sample_row(name, args.accel_size, args.accel_sample_batch, args.accel_steps, args.repeats)
         except Exception as exc:  # noqa: BLE001 - one failed case (out of memory, say) is a row, not a crash

@@ -4,6 +4,9 @@
         [--bissm-repeats 5] [--bissm-what layer,scan] [--bissm-forms sequential,chunked,associative,torch]
         [--bissm-max-gb 8]
 
+`--bissm-forms` also takes `pallas` (the fused kernel, `models/pallas_scan.py`); it runs on GPU only
+(on CPU it would be the Pallas interpreter, so its rows are skipped there) and is not a default.
+
 tiny's width (dim 256 -> inner 512, N = 16, dt rank 16, 3x3 depthwise conv), batch `--bissm-batch`
 (2 by default; the scan sees 2 x batch rows, both directions stacked), L tokens on a square grid.
 Forms: JAX `associative`, `chunked` (chunk 8, the config default) and `sequential` (what `auto`
@@ -49,7 +52,7 @@ import numpy as np
 from microforge_jax.models.scan import auto_impl
 
 DIM, EXPAND, STATE, CHUNK = 256, 2, 16, 8
-JAX_FORMS = ("sequential", "chunked", "associative")
+JAX_FORMS = ("sequential", "chunked", "associative", "pallas")
 F32 = 4
 RATE_N, MATMUL_N = 16 * 2**20, 2048  # the streaming arrays (64 MiB, past the caches) and the matmul side
 EXP_BLOCK, EXP_REPS = 2**18, 50  # the exp rate: a 1 MiB cache-resident block, exp'd EXP_REPS times
@@ -94,7 +97,7 @@ def materialised_bytes(form: str, bt: int, length: int, d: int, n: int, backward
         return (3 if not backward else 8) * full  # a, b, h (fwd); + the backward's copies
     if form == "torch":  # the eager loop keeps one block of decays; the backward, every state (written, read)
         return 2 * full if backward else 0
-    return 0  # chunked: chunk-start states only, L / T x D x N
+    return 0  # chunked, pallas: chunk-start states only, L / T x D x N
 
 
 def floors(counts: dict, rates: dict) -> dict:
@@ -312,7 +315,7 @@ def estimated_gb(form: str, bt: int, length: int, d: int, n: int, backward: bool
     """A rough upper estimate of the form's peak memory, to skip cases that would not fit."""
     full = F32 * bt * length * d * n
     # torch: at most a block of decays and states (fwd), every state plus a block's gradients (fwd+bwd).
-    live = {"sequential": 1.5, "chunked": 0.2, "associative": 6.0, "torch": 1.0}[form]
+    live = {"sequential": 1.5, "chunked": 0.2, "associative": 6.0, "torch": 1.0, "pallas": 0.1}[form]
     return live * full * ((2.0 if form == "torch" else 2.5) if backward else 1.0) / 1e9
 
 
@@ -396,6 +399,10 @@ def rows(args) -> list[dict]:
                         row = _case_row(what, length, mode, form, b, counts, rates)
                         cases.append(row)
                         gb = estimated_gb(form, 2 * b, length, inner, n, backward)
+                        if form == "pallas" and jax.default_backend() == "cpu":
+                            row["note"] = "skipped: pallas runs in the (very slow) Pallas interpreter on CPU; "
+                            row["note"] += _case_row(what, length, mode, form, b, counts, rates)["note"]
+                            continue
                         if gb > args.bissm_max_gb:
                             row["note"] = f"skipped: ~{gb:.1f} GB estimated > --bissm-max-gb {args.bissm_max_gb:g}; "
                             row["note"] += _case_row(what, length, mode, form, b, counts, rates)["note"]
@@ -447,7 +454,8 @@ def markdown(rows_: list[dict]) -> str:
         ms = "-" if r["median_ms"] is None else f"{r['median_ms']:.1f}"
         ratio = "-" if r["median_ms"] is None else f"{r['median_ms'] / r['floor_ms']:.1f}"
         note = r["note"].split("; ", 1)[1] if "; " in r["note"] else ""
-        note = "skipped (memory)" if r["note"].startswith("skipped") else note
+        if r["note"].startswith("skipped"):
+            note = "skipped (CPU)" if "interpreter" in r["note"] else "skipped (memory)"
         lines.append(
             f"| {r['what']} | {r['length']} | {r['mode']} | {r['impl']} | {ms} | {fl['bytes_ms']:.2f} | "
             f"{fl['flops_ms']:.2f} | {fl['exp_ms']:.2f} | {ratio} | {note} |"

@@ -1,4 +1,4 @@
-"""The Mamba-1 selective scan, three ways behind one function (DESIGN §2 "Selective scan").
+"""The Mamba-1 selective scan, four ways behind one function (DESIGN §2 "Selective scan").
 
     a_t = exp(delta_t * A)          b_t = delta_t * B_t * u_t
     h_t = a_t * h_{t-1} + b_t       y_t = sum_n h_t * C_t + D * u_t
@@ -11,6 +11,9 @@
 - "chunked": `lax.scan` over chunks of `chunk` tokens with an associative scan inside each chunk
   and the state carried across chunks; a `custom_vjp` keeps only the chunk-start states and
   recomputes each chunk in the backward pass, so no (Bt, L, N, Din) tensor exists in either pass.
+- "pallas": one fused Pallas kernel per pass (`pallas_scan.py`: Triton on GPU, the Pallas
+  interpreter on CPU, where it is only for tests): the state stays in registers, each input is
+  read once, the backward recomputes chunks from saved chunk-start states.
 
 Internally the state is laid out (Bt, N, Din), Din innermost: `delta`, `u` broadcast along the
 contiguous axis and the reductions over N are vector adds (measured faster on CPU than (Bt, Din, N)).
@@ -25,7 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("auto", "associative", "chunked", "sequential")
+from microforge_jax.models import pallas_scan
+
+IMPLS = ("auto", "associative", "chunked", "sequential", "pallas")
 
 
 def auto_impl(backend: str | None = None) -> str:
@@ -63,8 +68,9 @@ def selective_scan(
         own (used to run both BiSSM directions in one call).
       B, C: (Bt, L, N) input and output projections of the state.
       D: (Din,) skip connection, or (Bt, Din).
-      impl: "auto", "associative", "chunked" or "sequential".
-      chunk: chunk length of the chunked form.
+      impl: "auto", "associative", "chunked", "sequential" or "pallas".
+      chunk: chunk length of the chunked form (the pallas form keeps its own, `pallas_scan.CHUNK`:
+        there it sets the backward's register use, not a CPU loop's cost).
 
     Returns:
       y: (Bt, L, Din) in `u`'s dtype.
@@ -83,15 +89,20 @@ def selective_scan(
         raise ValueError(f"shape mismatch: u {u.shape}, delta {delta.shape}, A {A.shape}, B {B.shape}, C {C.shape}")
     # fp32 island: in bf16 exp(delta * A) rounds to 1 for small steps and the decay vanishes.
     f32 = jnp.float32
-    uf, df, Bf, Cf = (jnp.swapaxes(x.astype(f32), 0, 1) for x in (u, delta, B, C))  # time-major
     At = jnp.swapaxes(A.astype(f32), -1, -2)  # (Ba, N, Din)
-    if impl == "sequential":
-        y = _sequential(uf, df, At, Bf, Cf)
-    elif impl == "chunked":
-        y = _chunked(uf, df, At, Bf, Cf, chunk)
+    if impl == "pallas":
+        # Batch-major and in the input dtype: the kernel reads each row once and converts in registers.
+        y = pallas_scan.selective_scan_pallas(u, delta, At, B, C)
     else:
-        y = _associative(uf, df, At, Bf, Cf)
-    y = jnp.swapaxes(y, 0, 1) + u.astype(f32) * D.astype(f32)[:, None, :]
+        uf, df, Bf, Cf = (jnp.swapaxes(x.astype(f32), 0, 1) for x in (u, delta, B, C))  # time-major
+        if impl == "sequential":
+            y = _sequential(uf, df, At, Bf, Cf)
+        elif impl == "chunked":
+            y = _chunked(uf, df, At, Bf, Cf, chunk)
+        else:
+            y = _associative(uf, df, At, Bf, Cf)
+        y = jnp.swapaxes(y, 0, 1)
+    y = y + u.astype(f32) * D.astype(f32)[:, None, :]
     return y.astype(u.dtype)
 
 

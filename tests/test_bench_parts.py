@@ -229,7 +229,9 @@ def test_accel_train_rows_one_per_config_and_scan_form(monkeypatch):
 
     calls = []
     monkeypatch.setattr(accel, "bf16_matmul_rate", lambda n, repeats: 1e12)
-    monkeypatch.setattr(accel, "train_row", lambda name, *a: calls.append((name, a[-1])) or compare.row("accel", name, a[-1]))
+    monkeypatch.setattr(
+        accel, "train_row", lambda name, *a: calls.append((name, a[-1])) or compare.row("accel", name, a[-1])
+    )
     args = _args(accel, ["--accel-train", "tiny,small", "--accel-sample", "", "--accel-scan", "associative,pallas"])
     args.repeats = 1
     accel.rows(args)

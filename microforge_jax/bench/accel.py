@@ -131,7 +131,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accel-train-batch", type=int, default=32, help="flow-step batch")
     parser.add_argument("--accel-sample-batch", type=int, default=16, help="sampling batch")
     parser.add_argument("--accel-steps", type=int, default=4, help="guided Euler steps")
-    parser.add_argument("--accel-scan", default="auto", help="scan forms of the MFU rows, one row each (e.g. associative,pallas)")
+    parser.add_argument(
+        "--accel-scan", default="auto", help="scan forms of the MFU rows, one row each (e.g. associative,pallas)"
+    )
 
 
 def rows(args) -> list[dict]:
@@ -148,7 +150,9 @@ def rows(args) -> list[dict]:
     )
     out = [compare.row("accel", kind, f"bf16 matmul ({n}^3)", None, None, f"{matmul / 1e12:.0f} TFLOP/s",
                        f"datasheet dense bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else "")]  # fmt: skip
-    jobs: list[tuple[str, ...]] = [("sample", n) for n in args.accel_sample.split(",") if n]  # the cheaper compiles first
+    jobs: list[tuple[str, ...]] = [
+        ("sample", n) for n in args.accel_sample.split(",") if n
+    ]  # the cheaper compiles first
     scans = [s for s in getattr(args, "accel_scan", "auto").split(",") if s]
     jobs += [("train", n, s) for n in args.accel_train.split(",") if n for s in scans]
     for what, name, *scan in jobs:

@@ -64,6 +64,11 @@ class _Cfg(NamedTuple):
     interpret: bool
 
 
+def triton_available() -> bool:
+    """Whether this JAX can lower the kernels with Triton (jax 0.11 warns the backend is deprecated)."""
+    return getattr(_pltriton, "CompilerParams", None) is not None
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 

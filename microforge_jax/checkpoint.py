@@ -37,6 +37,7 @@ Nothing here pickles: Orbax for arrays, JSON for the config and the iterator sta
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import tempfile
@@ -400,7 +401,17 @@ def _read_manager(directory: Path) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         read_only=True, create=False, save_root_metadata=False, save_interval_steps=0
     )
-    return ocp.CheckpointManager(directory, options=options, item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()})
+    # The data item's handler is registered though it is never read here: without it Orbax logs a
+    # warning ("Item 'data' was found in the checkpoint, but could not be restored") on every load.
+    handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(), DATA_ITEM: grain.checkpoint.CheckpointHandler()}
+    # Reading is the point of a read-only manager: silence its "Given directory is read only" warning.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+    finally:
+        absl_logger.setLevel(level)
 
 
 def latest_steps(workdir: str | os.PathLike) -> dict[str, int]:

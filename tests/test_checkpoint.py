@@ -315,3 +315,21 @@ def test_agree_to_stop_in_one_process_is_the_local_flag():
     for step in (1, 2, 3, None):
         assert checkpoint.agree_to_stop(True, step, every=10) is True
         assert checkpoint.agree_to_stop(False, step, every=10) is False
+
+
+def test_load_run_of_a_resumable_run_logs_no_orbax_warnings(tmp_path, caplog):
+    """A run saved with its data iterator loads without Orbax's "found but could not be restored" noise."""
+    import grain
+
+    checkpoint.save_run_config(tmp_path, _config())
+    it = iter(grain.MapDataset.range(10).to_iter_dataset())
+    next(it)
+    with StageCheckpointer(tmp_path, "vae") as ckpt:
+        state = _state({"w": jnp.ones((2,))}, 2)
+        ckpt.save(2, state, data_iterator=it)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _, params = checkpoint.load_run(tmp_path)
+    assert (tmp_path / "checkpoints" / "vae" / "2" / checkpoint.DATA_ITEM).is_dir()  # the item that used to warn
+    np.testing.assert_array_equal(params["vae"]["w"], state["ema_params"]["w"])
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == []

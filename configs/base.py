@@ -162,6 +162,9 @@ def get_config() -> ml_collections.ConfigDict:
     e.self_cond_prob = 0.5
     e.text_cache = True
     e.task_weights = (1.0, 1.0, 1.0)  # edit, inpaint, sr
+    # Weight of a text-to-image loss on the same step's targets under their captions (0: off): the
+    # edit stage trains all weights, and without it the model forgets part of generation (issue 8).
+    e.generate_weight = 0.0
 
     # Stage 4 (opt-in: add "distill" to `stages`): text -> image flow training plus a distillation
     # term, L_flow + weight * w(t) * ||v_student - v_teacher||^2 (microforge_jax/distill.py).

@@ -508,11 +508,17 @@ def run_flow_stage(stage: str, config, workdir: Path, mesh, rules, vae_params: A
             out = {"latent_mean": mean, "latent_logvar": logvar}
         if stage == "edit":
             out.update(source=b["source"], task=b["task"])
-        if trainable_text:
-            out["text_ids"], out["text_mask"] = encoder.tokenize(prompts)
-        else:
-            emb = cache.lookup(prompts) if cache is not None else jax.device_get(encoder.encode(prompts))
-            out.update(text_tokens=emb.tokens_BxMxD, text_mask=emb.mask_BxM, text_pooled=emb.pooled_BxD)
+        texts = {"text": prompts}
+        if stage == "edit" and hp.get("generate_weight", 0.0) > 0:  # the targets' captions, for the generate term
+            texts["gen_text"] = [str(s) for s in b["caption"]]
+        for key, strings in texts.items():
+            if trainable_text:
+                out[f"{key}_ids"], out[f"{key}_mask"] = encoder.tokenize(strings)
+            else:
+                emb = cache.lookup(strings) if cache is not None else jax.device_get(encoder.encode(strings))
+                out.update(
+                    {f"{key}_tokens": emb.tokens_BxMxD, f"{key}_mask": emb.mask_BxM, f"{key}_pooled": emb.pooled_BxD}
+                )
         return sharding.shard_batch(out, mesh, rules)
 
     # ---- validation loss: fixed held-out batches and noise, the EMA params, t in VAL_TIMES

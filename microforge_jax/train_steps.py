@@ -229,6 +229,10 @@ def flow_train_step(
 ) -> tuple[State, dict]:
     """One rectified-flow step; with `batch["source"]` (and `batch["task"]`) an editing step.
 
+    An editing step with `hp.generate_weight` > 0 adds that weight times the text-to-image loss of
+    the same targets under their captions (`batch["gen_text_*"]`, or `gen_text_ids`/`gen_text_mask`
+    for a trainable encoder), with fresh times and noise.
+
     `frozen` holds `"vae"` (the VAE's EMA params) and, for caption dropout, `"empty_text"` (the
     empty prompt's `Text`, batch 1) — or, with a trainable text encoder, `"empty_ids"` and
     `"empty_mask"` (its tokens), encoded inside the step by the encoder being trained.
@@ -242,20 +246,33 @@ def flow_train_step(
     # gradient), then cut into micro-batches: accumulation gives the one-batch update.
     z0 = batch_latents(spec, frozen["vae"], batch, r_vae)
     b = z0.shape[0]
-    t = flow.sample_time(r_t, b, kind=hp.time_sampling, mean=hp.time_mean, std=hp.time_std, shift=hp.time_shift)
-    eps = jax.random.normal(r_eps, z0.shape, jnp.float32)
+
+    def noised(r_t, r_eps, r_drop, r_sc):
+        t = flow.sample_time(r_t, b, kind=hp.time_sampling, mean=hp.time_mean, std=hp.time_std, shift=hp.time_shift)
+        eps = jax.random.normal(r_eps, z0.shape, jnp.float32)
+        return {
+            "z_t": flow.interpolate(z0, eps, t),
+            "target": flow.velocity_target(z0, eps),
+            "t": t,
+            "drop": jax.random.bernoulli(r_drop, hp.caption_dropout, (b,)),
+            "has_prev": jax.random.bernoulli(r_sc, hp.self_cond_prob, (b,)),
+        }
+
     per_example = {
-        "z_t": flow.interpolate(z0, eps, t),
-        "target": flow.velocity_target(z0, eps),
-        "t": t,
-        "drop": jax.random.bernoulli(r_drop, hp.caption_dropout, (b,)),
-        "has_prev": jax.random.bernoulli(r_sc, hp.self_cond_prob, (b,)),
+        **noised(r_t, r_eps, r_drop, r_sc),
         **{k: v for k, v in batch.items() if k not in ("image", "source", "mask", "latent_mean", "latent_logvar")},
     }
     if "source" in batch:
         per_example["source"] = encode_latents(spec, frozen["vae"], batch["source"], None)
+    # Edit stage with `generate_weight`: the same targets, captioned (`gen_text_*` in the batch),
+    # also trained as text-to-image with their own times and noise, so editing does not unlearn it.
+    gen_weight = float(hp.get("generate_weight", 0.0)) if "source" in batch else 0.0
+    if gen_weight > 0:
+        gen = noised(*jax.random.split(jax.random.fold_in(rng, 1), 4))
+        per_example.update({f"gen_{k}": v for k, v in gen.items()})
 
-    def loss_fn(params, mb):
+    def denoise_loss(params, mb):
+        """The weighted flow loss of one task's rows, and the plan (None without a planner)."""
         m = mb["t"].shape[0]
         text = _text(spec, params, mb)
         if spec.text_module is None:
@@ -282,10 +299,18 @@ def flow_train_step(
             prev_plan_BxKxD=prev,
             has_prev_B=mb["has_prev"],
         )
-        loss = flow.flow_loss(v, mb["target"], t)  # fp32 (the backbone's output is cast to fp32)
+        return flow.flow_loss(v, mb["target"], t), plan  # fp32 (the backbone's output is cast to fp32)
+
+    def loss_fn(params, mb):
+        loss, plan = denoise_loss(params, {k: v for k, v in mb.items() if not k.startswith("gen_")})
         diversity = plan_diversity_loss(plan) if plan is not None else jnp.zeros(())
         total = loss + spec.diversity_weight * diversity
-        return total, {"loss": total, "flow_loss": loss, "plan_diversity": diversity}
+        parts = {"flow_loss": loss, "plan_diversity": diversity}
+        if gen_weight > 0:
+            gen_loss, _ = denoise_loss(params, {k[4:]: v for k, v in mb.items() if k.startswith("gen_")})
+            total = total + gen_weight * gen_loss
+            parts["generate_loss"] = gen_loss
+        return total, {"loss": total, **parts}
 
     def grad_fn(params, mb):
         (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)

@@ -113,7 +113,7 @@ def test_stage_batches_dtypes_and_fields():
     it = iter(shapes_dataset("edit", batch_size=6, seed=0, image_size=SIZE, num_records=16, read_threads=0))
     batches = _take(it, 2)
     for b in batches:
-        assert set(b) == {"image", "source", "mask", "text", "task"}
+        assert set(b) == {"image", "source", "mask", "text", "caption", "task"}
         assert b["image"].shape == b["source"].shape == (6, SIZE, SIZE, 3) and b["source"].dtype == np.float32
         assert b["mask"].shape == (6, SIZE, SIZE, 1) and b["mask"].dtype == np.float32
         assert b["task"].dtype == np.int32 and all(isinstance(t, str) and t for t in b["text"])

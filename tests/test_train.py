@@ -345,3 +345,59 @@ def test_flow_objects_p_shapes_the_training_scenes_not_the_validation_ones():
     assert len(set(counts(next(iter(train_lib._stage_data(config, "flow", hp, split="val")))))) > 1
     # other stages (no such key) keep the world's own mix
     assert len(set(counts(next(iter(train_lib._stage_data(config, "vae", config.train.vae)))))) > 1
+
+
+def test_edit_step_generate_term_trains_text_to_image_on_the_targets(redraw, relerr):
+    """`train.edit.generate_weight`: loss = edit flow loss + w * a caption-conditioned, source-free loss."""
+    import jax.numpy as jnp
+    import ml_collections
+
+    from microforge_jax import optim, train_steps
+    from microforge_jax.config import ModelConfig
+    from microforge_jax.models.denoiser import Text, build_denoiser
+    from microforge_jax.models.vae import build_vae
+
+    config = _config("model.backbone.depth=1", "train.edit.warmup_steps=0")
+    cfg = ModelConfig.from_config(config)
+    den, vae = build_denoiser(cfg), build_vae(cfg)
+    rng = np.random.default_rng(0)
+    b, m, e, side = 4, 40, 384, config.image_size // cfg.vae.downsample_factor
+    arr = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    image = lambda: jnp.asarray(rng.uniform(-1, 1, (b, config.image_size, config.image_size, 3)), jnp.float32)
+    z = jnp.zeros((b, side, side, cfg.latent_channels))
+    text = Text(arr(b, m, e), jnp.ones((b, m), bool), arr(b, e))
+    params = redraw(
+        {"denoiser": jax.jit(den.init)(jax.random.key(0), z, jnp.zeros((b,)), text, source_BxhxwxC=z)}, seed=0
+    )
+    target = image()
+    frozen = {
+        "vae": redraw(jax.jit(vae.init)(jax.random.key(1), target), seed=1),
+        "empty_text": Text(jnp.zeros((1, m, e)), jnp.ones((1, m), bool), jnp.zeros((1, e))),
+    }
+    batch = {
+        "image": target, "source": image(), "task": jnp.full((b,), 1, jnp.int32),
+        "text_tokens": text.tokens, "text_mask": text.mask, "text_pooled": text.pooled,
+        "gen_text_tokens": arr(b, m, e), "gen_text_mask": jnp.ones((b, m), bool), "gen_text_pooled": arr(b, e),
+    }  # fmt: skip
+
+    def step(weight):
+        hp = ml_collections.ConfigDict({**config.train.edit.to_dict(), "generate_weight": weight})
+        tx = optim.make_optimizer(hp)
+        spec = train_steps.FlowStep(den, vae, tx, hp, diversity_weight=0.01)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "ema_params": params, "opt_state": tx.init(params)}
+        return jax.jit(lambda bt: train_steps.flow_train_step(spec, state, bt, jax.random.key(3), frozen)[1])
+
+    with_gen, without = step(0.5), step(0.0)
+    m1, m0 = with_gen(batch), without({k: v for k, v in batch.items() if not k.startswith("gen_")})
+    assert "train/generate_loss" in m1 and "train/generate_loss" not in m0
+    assert relerr(m1["train/flow_loss"], m0["train/flow_loss"]) <= 1e-6  # the edit term is unchanged
+    expected = m1["train/flow_loss"] + 0.5 * m1["train/generate_loss"] + 0.01 * m1["train/plan_diversity"]
+    assert relerr(m1["train/loss"], expected) <= 1e-6
+    assert float(m1["train/grad_norm"]) != float(m0["train/grad_norm"])
+    # The generate term sees the targets and the captions, never the source.
+    other_source = with_gen({**batch, "source": image()})
+    assert float(other_source["train/generate_loss"]) == float(m1["train/generate_loss"])
+    assert float(other_source["train/flow_loss"]) != float(m1["train/flow_loss"])
+    other_caption = with_gen({**batch, "gen_text_pooled": arr(b, e), "gen_text_tokens": arr(b, m, e)})
+    assert float(other_caption["train/generate_loss"]) != float(m1["train/generate_loss"])
+    assert float(other_caption["train/flow_loss"]) == float(m1["train/flow_loss"])

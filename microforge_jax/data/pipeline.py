@@ -25,9 +25,10 @@ Stage batches from the built-in shapes world (`shapes_dataset`):
   flow: image f32 BxHxWx3, text <U BxN
   edit: image (target) f32 BxHxWx3, source f32 BxHxWx3, mask f32 BxHxWx1 (1 = region to change;
         all ones for sr, whose whole image is regenerated), text <U (the instruction or caption),
-        task int32 B (index into `shapes.TASKS`: 1 edit, 2 inpaint, 3 sr). The three
-        source-conditioned tasks interleave in equal proportions (the backbone runs Generate
-        without a source half, so "generate" records are not mixed in here).
+        caption <U (of the target image), task int32 B (index into `shapes.TASKS`: 1 edit,
+        2 inpaint, 3 sr). The three source-conditioned tasks interleave in equal proportions (the
+        backbone runs Generate without a source half, so "generate" records are not mixed in
+        here; `train.edit.generate_weight` trains generation on the targets and captions instead).
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ def _edit_record(rec: Record) -> Record:
         "source": rec["source"],
         "mask": mask.astype(np.float32),
         "text": rec["text"],
+        "caption": rec.get("caption", rec["text"]),  # of the target (inpaint / sr: the text is the caption)
         "task": np.int32(rec["task"]),
     }
 

@@ -117,6 +117,8 @@ def test_stage_batches_dtypes_and_fields():
         assert b["image"].shape == b["source"].shape == (6, SIZE, SIZE, 3) and b["source"].dtype == np.float32
         assert b["mask"].shape == (6, SIZE, SIZE, 1) and b["mask"].dtype == np.float32
         assert b["task"].dtype == np.int32 and all(isinstance(t, str) and t for t in b["text"])
+        for task, text, caption in zip(b["task"], b["text"], b["caption"]):  # the target's caption
+            assert (caption == text) == (task != TASKS.index("edit")), (task, text, caption)
     tasks = np.concatenate([b["task"] for b in batches])
     assert sorted(set(tasks.tolist())) == [TASKS.index(t) for t in ("edit", "inpaint", "sr")]
     assert np.bincount(tasks, minlength=4)[1:].tolist() == [4, 4, 4]  # equal mix

@@ -162,8 +162,9 @@ def get_config() -> ml_collections.ConfigDict:
     e.self_cond_prob = 0.5
     e.text_cache = True
     e.task_weights = (1.0, 1.0, 1.0)  # edit, inpaint, sr
-    # Weight of a text-to-image loss on the same step's targets under their captions (0: off): the
-    # edit stage trains all weights, and without it the model forgets part of generation (issue 8).
+    # Weight of a text-to-image loss on the same step's targets under their captions (0: off), against
+    # forgetting generation while all weights fine-tune on edits. Nano (100 edit steps, weight 0.5)
+    # measured no gain over 0 (BENCHMARKS.md, "Flow recipe trials"); meant for long edit stages.
     e.generate_weight = 0.0
 
     # Stage 4 (opt-in: add "distill" to `stages`): text -> image flow training plus a distillation

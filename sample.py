@@ -40,7 +40,12 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--vae-tile", type=int, default=None, help="decode in tiles of N latent cells (less memory; 0: whole)"
     )
-    p.add_argument("--low-memory", action="store_true", help="compile the sampler for a lower peak memory")
+    p.add_argument(
+        "--low-memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the sampler for a lower peak memory on CPU (default: the run's sample_low_memory)",
+    )
     args = p.parse_args(argv)
 
     from microforge_jax.pipeline import sample_to_folder  # imports jax: after --help

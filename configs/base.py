@@ -88,7 +88,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample_steps = 16  # Euler steps of those grids
     c.sample_cfg = 3.0  # guidance scale of those grids
     c.sample_vae_tile = 0  # VAE decode in overlapping tiles of this many latent cells (less memory); 0: whole latent
-    c.sample_low_memory = False  # compile the sampler for a lower peak (sampling.LOW_MEMORY_COMPILER_OPTIONS)
+    # Compile the sampler for a lower peak on CPU (sampling.LOW_MEMORY_COMPILER_OPTIONS; ignored on GPU/TPU):
+    # bit-identical images, the same speed and compile time (BENCHMARKS.md, "Peak memory"); runs saved
+    # before it became the default keep False.
+    c.sample_low_memory = True
     # ShapesEval of the finished run (held-out prompts, VAE PSNR, recolour edits; eval.json);
     # num = 0 turns it off. The same as `python -m microforge_jax.eval --workdir DIR`.
     c.final_eval = fe = ml_collections.ConfigDict()

@@ -359,7 +359,7 @@ def sample_to_folder(
     shift: float | None = None,
     sampler: str | None = None,
     vae_tile: int | None = None,
-    low_memory: bool = False,
+    low_memory: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
     """What `sample.py` does: validate everything, load the run, sample, then write PNGs + a grid.
@@ -409,8 +409,8 @@ def sample_to_folder(
     pipe = MicroForgePipeline.from_run(workdir)
     if vae_tile is not None:
         pipe.config.sample_vae_tile = vae_tile
-    if low_memory:
-        pipe.config.sample_low_memory = True
+    if low_memory is not None:
+        pipe.config.sample_low_memory = bool(low_memory)
     kw = dict(steps=steps, cfg=cfg, seed=seed, num=num, shift=shift, sampler=sampler)
     if task == "generate":
         images = pipe.generate(prompts, size=size_hw, **kw)

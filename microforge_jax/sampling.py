@@ -192,7 +192,8 @@ def make_sampler(
       vae_tile: decode in overlapping tiles of this many latent cells, blended linearly
         (`vae.decode_tiled`): lower peak memory, slightly different pixels; 0 decodes the whole latent.
       vae_tile_overlap: minimum overlap of neighbouring tiles in latent cells.
-      low_memory: compile with `LOW_MEMORY_COMPILER_OPTIONS` (the same numbers, a lower peak; see there).
+      low_memory: on a CPU backend, compile with `LOW_MEMORY_COMPILER_OPTIONS` (the same numbers, a
+        lower peak, the same speed; see there); ignored on other backends.
 
     Returns:
       `sample(params, text, uncond, noise_BxhxwxC, scale, source_BxHxWx3=None, task=0, key=None) -> Samples`
@@ -284,7 +285,10 @@ def make_sampler(
             images = constrain(jnp.clip(images.astype(jnp.float32), -1.0, 1.0))
         return Samples(images, z, plans)
 
-    return jax.jit(sample, compiler_options=dict(LOW_MEMORY_COMPILER_OPTIONS) if low_memory else None)
+    # CPU only: the fp32 weight copies it avoids are a CPU artefact (GPUs and TPUs compute in bf16),
+    # and `xla_cpu_scheduler_type` is a CPU option.
+    use = low_memory and jax.default_backend() == "cpu"
+    return jax.jit(sample, compiler_options=dict(LOW_MEMORY_COMPILER_OPTIONS) if use else None)
 
 
 def step_rule(sampler: str) -> tuple[StepFn, bool]:

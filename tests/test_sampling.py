@@ -331,7 +331,7 @@ def test_sample_script_low_memory_gives_the_same_pngs(sample_main, run_dir, tmp_
     workdir, _ = run_dir
     argv = ["--workdir", str(workdir), "--prompt", "a red circle", "--steps", "2", "--size", f"{H}x{W}"]
     outs = {}
-    for name, extra in (("plain", []), ("low", ["--low-memory"])):
+    for name, extra in (("plain", ["--no-low-memory"]), ("low", ["--low-memory"])):
         rc = cli.run(sample_main, argv + extra + ["--out", str(tmp_path / name)])
         assert rc == 0, capsys.readouterr().err
         outs[name] = [np.asarray(Image.open(p)) for p in sorted((tmp_path / name).glob("0*.png"))]

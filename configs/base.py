@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
     b.shared_attn_every = 3  # apply the one SharedMQA block after every k blocks
     b.adaln_group_size = 6  # blocks sharing one AdaLN modulation MLP (AdaLN-Group); each adds an offset
     b.pos_embed = "sincos"  # "sincos" (2-D, any grid size) or "none"
+    # Editing: the source half's positions, "grid" (columns w..2w-1) or "aligned" (the target's own)
+    b.source_positions = "grid"
     # Ablations from the seed (section 10).
     b.use_planner = True  # A1: False removes the Recurrent Latent Planner
     b.mixer = "bissm"  # A2: "attention" replaces the BiSSM by full self-attention
@@ -146,6 +148,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Keep the frozen VAE's posterior (mean, logvar) of each training image on the host and sample from it
     # each step: skips the encoder from the 2nd epoch of a finite dataset (the shapes world never repeats)
     f.cache_latents = False
+    # Shapes world only: loss weight of the latent positions inside the 3x3-grid cells that the
+    # caption places objects in (1 = uniform). Objects cover a few percent of the latent, so the
+    # uniform loss is mostly background; the weight depends on the caption alone, so it keeps the
+    # conditional flow's minimiser.
+    f.object_cell_weight = 1.0
 
     tr.edit = e = ml_collections.ConfigDict()
     e.steps = 20_000

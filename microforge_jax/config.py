@@ -178,6 +178,10 @@ class BackboneConfig:
     text_dim: int
     remat: bool = False  # recompute each block's activations in the backward pass (memory, not math)
     patch_size: int = 1  # latent cells per token side (DiT patchify); 1 in runs saved before the key existed
+    # Positions of the source half when editing: "grid" (its own columns w..2w-1 of the [target |
+    # source] grid; runs saved before the key existed) or "aligned" (the target's, so token (i, j)
+    # of the source sits at the position of target token (i, j), as in FLUX.1 Kontext).
+    source_positions: str = "grid"
 
     @property
     def num_heads(self) -> int:
@@ -265,6 +269,7 @@ class ModelConfig:
             "backbone.mixer": ("bissm", "attention"),
             "backbone.adaln": ("group", "full"),
             "backbone.pos_embed": ("sincos", "none"),
+            "backbone.source_positions": ("grid", "aligned"),
             "text.encoder": ("minilm", "bert", "clip", "simple"),
         }
         for key, allowed in choices.items():

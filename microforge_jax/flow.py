@@ -3,6 +3,8 @@
     z_t = (1 - t) z_0 + t eps        (t = 0: data, t = 1: noise)
     v*  = eps - z_0                  (the velocity points from data to noise)
     L   = E[w(t) ||v_theta(z_t, t, c) - v*||^2],   w(t) = 1 / (1 + |2t - 1|)   (the seed's)
+          (optionally a per-position weight that depends on the condition c only, which keeps
+          the minimiser E[v* | z_t, c]: see `flow_loss`)
     z_{t - dt} = z_t - dt * v        (Euler toward the data; the seed's "+" is a sign slip)
     v_hat = v_uncond + s (v_cond - v_uncond)                                   (CFG)
 
@@ -61,10 +63,20 @@ def loss_weight(t_B: jax.Array) -> jax.Array:
     return 1.0 / (1.0 + jnp.abs(2.0 * t - 1.0))
 
 
-def flow_loss(v_pred: jax.Array, v_target: jax.Array, t_B: jax.Array) -> jax.Array:
-    """Mean over the batch of w(t) times the per-example mean squared error (fp32)."""
+def flow_loss(
+    v_pred: jax.Array, v_target: jax.Array, t_B: jax.Array, weight_Bxhxw: jax.Array | None = None
+) -> jax.Array:
+    """Mean over the batch of w(t) times the per-example mean squared error (fp32).
+
+    With `weight_Bxhxw` (non-negative, per latent position) each example's error is the weighted
+    mean `sum(weight * err) / sum(weight)` over positions (and the mean over channels).
+    """
     err = jnp.square(v_pred.astype(jnp.float32) - v_target.astype(jnp.float32))
-    per_example = err.reshape(err.shape[0], -1).mean(-1)
+    if weight_Bxhxw is None:
+        per_example = err.reshape(err.shape[0], -1).mean(-1)
+    else:
+        w = jnp.asarray(weight_Bxhxw, jnp.float32)
+        per_example = (err.mean(-1) * w).sum((1, 2)) / jnp.maximum(w.sum((1, 2)), 1e-12)
     return jnp.mean(loss_weight(t_B) * per_example)
 
 

@@ -67,6 +67,8 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str | Path) -> ml_co
     config.model.text.encoder, config.model.text.embed_dim = text.encoder, text.embed_dim
     if config.data.source not in ("shapes", "folder"):
         raise ConfigError(f"data.source must be 'shapes' or 'folder', got {config.data.source!r}")
+    if not config.train.flow.get("object_cell_weight", 1.0) > 0:
+        raise ConfigError(f"train.flow.object_cell_weight must be > 0, got {config.train.flow.object_cell_weight}")
     if config.data.source == "folder":
         imagefolder.scan_folder(config.data.path)  # a missing or empty folder fails before anything is written
     started = set(checkpoint.latest_steps(workdir)) & set(checkpoint.DENOISER_STAGES)
@@ -508,6 +510,8 @@ def run_flow_stage(stage: str, config, workdir: Path, mesh, rules, vae_params: A
             out = {"latent_mean": mean, "latent_logvar": logvar}
         if stage == "edit":
             out.update(source=b["source"], task=b["task"])
+        elif "cells" in b and hp.get("object_cell_weight", 1.0) != 1.0:
+            out["cells"] = b["cells"]
         texts = {"text": prompts}
         if stage == "edit" and hp.get("generate_weight", 0.0) > 0:  # the targets' captions, for the generate term
             texts["gen_text"] = [str(s) for s in b["caption"]]

@@ -224,10 +224,27 @@ def _text(spec: FlowStep, params: Any, batch: dict[str, jax.Array]) -> Text:
     return Text(batch["text_tokens"], batch["text_mask"], batch["text_pooled"])
 
 
+def cell_weight_map(cells_Bx9: jax.Array, h: int, w: int, weight: float) -> jax.Array:
+    """Per-position loss weights (B, h, w): `weight` inside the shapes world's named cells, else 1.
+
+    `cells_Bx9` marks the 3x3-grid cells (row-major) whose objects the caption places; a latent
+    position belongs to the cell holding its centre.
+    """
+    rows = jnp.floor((jnp.arange(h) + 0.5) * 3 / h).astype(jnp.int32)
+    cols = jnp.floor((jnp.arange(w) + 0.5) * 3 / w).astype(jnp.int32)
+    index_hxw = 3 * rows[:, None] + cols[None, :]
+    named = jnp.asarray(cells_Bx9, jnp.float32)[:, index_hxw]
+    return 1.0 + (weight - 1.0) * named
+
+
 def flow_train_step(
     spec: FlowStep, state: State, batch: dict[str, jax.Array], rng: jax.Array, frozen: dict[str, Any]
 ) -> tuple[State, dict]:
     """One rectified-flow step; with `batch["source"]` (and `batch["task"]`) an editing step.
+
+    With `hp.object_cell_weight` != 1 and `batch["cells"]` (shapes world, (B, 9)), the loss weighs
+    the latent positions of the grid cells the caption places objects in by that factor (see
+    `cell_weight_map`); rows whose caption was dropped keep uniform weights.
 
     An editing step with `hp.generate_weight` > 0 adds that weight times the text-to-image loss of
     the same targets under their captions (`batch["gen_text_*"]`, or `gen_text_ids`/`gen_text_mask`
@@ -267,6 +284,7 @@ def flow_train_step(
     # Edit stage with `generate_weight`: the same targets, captioned (`gen_text_*` in the batch),
     # also trained as text-to-image with their own times and noise, so editing does not unlearn it.
     gen_weight = float(hp.get("generate_weight", 0.0)) if "source" in batch else 0.0
+    cell_weight = float(hp.get("object_cell_weight", 1.0))
     if gen_weight > 0:
         gen = noised(*jax.random.split(jax.random.fold_in(rng, 1), 4))
         per_example.update({f"gen_{k}": v for k, v in gen.items()})
@@ -299,7 +317,12 @@ def flow_train_step(
             prev_plan_BxKxD=prev,
             has_prev_B=mb["has_prev"],
         )
-        return flow.flow_loss(v, mb["target"], t), plan  # fp32 (the backbone's output is cast to fp32)
+        weight = None
+        if cell_weight != 1.0 and "cells" in mb:
+            # Only where the caption was kept: the weight must be a function of the model's condition.
+            cells = jnp.where(mb["drop"][:, None], 0.0, mb["cells"])
+            weight = cell_weight_map(cells, *z_t.shape[1:3], cell_weight)
+        return flow.flow_loss(v, mb["target"], t, weight), plan  # fp32 (the backbone's output is cast to fp32)
 
     def loss_fn(params, mb):
         loss, plan = denoise_loss(params, {k: v for k, v in mb.items() if not k.startswith("gen_")})

@@ -26,3 +26,11 @@ def test_train_unknown_config_lists_configs():
 
 def test_sample_runs():
     assert _run("sample.py", "--help").returncode == 0
+
+
+def test_train_bad_cell_weight_is_one_line_and_writes_nothing(tmp_path):
+    r = _run("train.py", "--workdir", str(tmp_path / "run"), "train.flow.object_cell_weight=0")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().endswith("train.flow.object_cell_weight must be > 0, got 0.0")
+    assert r.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -339,9 +339,11 @@ def test_ablated_denoisers_match(ablation, redraw, text, relerr):
     assert err <= TOL
 
 
-def test_patchified_backbone_parity_with_source(redraw, text, relerr):
+@pytest.mark.parametrize("source_positions", ["grid", "aligned"])
+def test_patchified_backbone_parity_with_source(redraw, text, relerr, source_positions):
     """patch_size=2: 2x2 latent cells per token (PyTorch pixel_unshuffle order), with a source grid."""
-    cfg = ModelConfig.from_config(load_config("nano", TINY + ["model.backbone.patch_size=2"]))
+    overrides = ["model.backbone.patch_size=2", f"model.backbone.source_positions={source_positions}"]
+    cfg = ModelConfig.from_config(load_config("nano", TINY + overrides))
     den = build_denoiser(cfg)
     rng = np.random.default_rng(5)
     z = rng.standard_normal((B, H // 4, W // 4, C)).astype(np.float32)  # 4x6 cells -> 2x3 tokens
@@ -362,7 +364,7 @@ def test_patchified_backbone_parity_with_source(redraw, text, relerr):
     with torch.no_grad():
         v_t = m.backbone(nchw(z), t(tt), *torch_text(text[0]), t(plan), t(task_b), nchw(source))
     err = relerr(nhwc(v_t), v_j)
-    print(f"backbone velocity (patch 2, edit): {err:.1e}")
+    print(f"backbone velocity (patch 2, edit, {source_positions} source positions): {err:.1e}")
     assert err <= TOL
 
 

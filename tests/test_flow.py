@@ -74,3 +74,28 @@ def test_guidance():
     np.testing.assert_allclose(flow.guidance(vc, vu, 1.0), vc)
     np.testing.assert_allclose(flow.guidance(vc, vu, 0.0), vu)
     np.testing.assert_allclose(flow.guidance(vc, vu, 3.0), [4.0])
+
+
+def test_weighted_flow_loss_hand_computed():
+    v_pred = jnp.zeros((2, 1, 2, 1))
+    v_true = jnp.array([1.0, 3.0, 2.0, 2.0]).reshape(2, 1, 2, 1)
+    t = jnp.array([0.5, 0.5])
+    w = jnp.array([[[1.0, 3.0]], [[2.0, 2.0]]])
+    # example 0: (1 * 1 + 3 * 9) / 4 = 7; example 1: 4 -> mean 5.5
+    np.testing.assert_allclose(flow.flow_loss(v_pred, v_true, t, w), 5.5)
+    np.testing.assert_allclose(flow.flow_loss(v_pred, v_true, t, jnp.ones((2, 1, 2))), flow.flow_loss(v_pred, v_true, t))
+
+
+def test_cell_weight_map_follows_the_3x3_grid():
+    from microforge_jax.train_steps import cell_weight_map
+
+    cells = np.zeros((2, 9), np.float32)
+    cells[0, [0, 4]] = 1  # top left and center
+    cells[1, 8] = 1  # bottom right
+    w = np.asarray(cell_weight_map(jnp.asarray(cells), 16, 16, 5.0))
+    # Hand-computed: latent rows/cols 0-4 are grid row/col 0, 5-10 are 1, 11-15 are 2 (by centre).
+    band = {0: slice(0, 5), 1: slice(5, 11), 2: slice(11, 16)}
+    expected = np.ones((2, 16, 16), np.float32)
+    for b, cell in ((0, 0), (0, 4), (1, 8)):
+        expected[b, band[cell // 3], band[cell % 3]] = 5.0
+    np.testing.assert_array_equal(w, expected)

@@ -236,3 +236,20 @@ def test_objects_p_sets_the_object_count_mix_and_keeps_the_default_stream():
     for bad in [(0.5, 0.5), (0.5, 0.6, 0.1), (-0.1, 0.6, 0.5)]:
         with pytest.raises(ValueError, match="objects_p"):
             S.ShapesSource("generate", objects_p=bad)
+
+
+def test_generate_records_mark_the_cells_their_caption_places():
+    named = unnamed = 0
+    for i in range(300):
+        rec = S.make_record("generate", i)
+        scene = S.scene_from_json(rec["scene"])
+        assert rec["cells"].dtype == np.float32 and rec["cells"].shape == (9,)
+        if any(p in rec["text"] for p in POSITIONS):
+            expected = np.zeros(9, np.float32)
+            expected[[o.cell for o in scene.objects]] = 1
+            np.testing.assert_array_equal(rec["cells"], expected)
+            named += 1
+        else:  # "red circle, blue square": a weight from cells would depend on more than the caption
+            np.testing.assert_array_equal(rec["cells"], np.zeros(9, np.float32))
+            unnamed += 1
+    assert named > 200 and unnamed > 5

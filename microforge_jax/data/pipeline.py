@@ -22,7 +22,8 @@ takes numeric arrays.
 
 Stage batches from the built-in shapes world (`shapes_dataset`):
   vae:  image f32 BxHxWx3
-  flow: image f32 BxHxWx3, text <U BxN
+  flow: image f32 BxHxWx3, text <U BxN, cells f32 Bx9 (1 = a 3x3-grid cell whose object the
+        caption places; for `train.flow.object_cell_weight`)
   edit: image (target) f32 BxHxWx3, source f32 BxHxWx3, mask f32 BxHxWx1 (1 = region to change;
         all ones for sr, whose whole image is regenerated), text <U (the instruction or caption),
         caption <U (of the target image), task int32 B (index into `shapes.TASKS`: 1 edit,
@@ -169,7 +170,7 @@ def _vae_record(rec: Record) -> Record:
 
 
 def _flow_record(rec: Record) -> Record:
-    return {"image": rec["image"], "text": rec["text"]}
+    return {"image": rec["image"], "text": rec["text"], "cells": rec["cells"]}
 
 
 def _edit_record(rec: Record) -> Record:

@@ -22,14 +22,15 @@ HELDOUT_PAIRS holds out each shape exactly once, with 8 different colours:
   pink hexagon.
 
 Tasks and record formats (uint8 images in [0, 255], H = W = image_size; strings are `str`):
-  generate: image HxWx3, text (= caption), scene (JSON str), task int32, index int64
+  generate: image HxWx3, text (= caption), scene (JSON str), cells float32 (9,) (1 = a cell whose
+            object the caption places; all 0 when the caption names no position), task int32, index int64
   edit:     image (target) HxWx3, source HxWx3, mask float32 HxWx1 (1 = edited region: the touched
             cells grown by 1 px), text (= instruction), caption (of the target), op (recolour | move |
             remove | add), scene (target JSON), source_scene (JSON), task, index
   inpaint:  image HxWx3, source (image with the hole set to 0) HxWx3, mask float32 HxWx1 (1 = hole:
-            one object's cell or a random rectangle), text (= caption), scene, task, index
+            one object's cell or a random rectangle), text (= caption), scene, cells, task, index
   sr:       image HxWx3, low_res (H/f)x(W/f)x3 (area average), source (low_res nearest-upsampled)
-            HxWx3, text (= caption), scene, task, index
+            HxWx3, text (= caption), scene, cells, task, index
 `task` indexes TASKS; `text` is always what the model is conditioned on.
 """
 
@@ -233,8 +234,25 @@ def caption_for(scene: Scene, template_id: int = 0) -> str:
     raise ValueError(f"template_id must be in [0, {NUM_TEMPLATES}), got {template_id}")
 
 
-def _random_caption(rng: np.random.Generator, scene: Scene) -> str:
-    return caption_for(scene, int(rng.choice(NUM_TEMPLATES, p=_TEMPLATE_P)))
+# Templates whose captions name every object's position (template 3 names colour and shape only).
+POSITION_TEMPLATES = frozenset({0, 1, 2, 4, 5, 6})
+
+
+def _random_caption(rng: np.random.Generator, scene: Scene) -> tuple[str, int]:
+    template = int(rng.choice(NUM_TEMPLATES, p=_TEMPLATE_P))
+    return caption_for(scene, template), template
+
+
+def named_cells(scene: Scene, template_id: int) -> np.ndarray:
+    """(9,) float32: 1 at the grid cells whose object the caption places (all zero if it names no position).
+
+    A function of the caption alone, so a loss weighted by it keeps the conditional flow's
+    minimiser (`train.flow.object_cell_weight`).
+    """
+    cells = np.zeros(9, np.float32)
+    if template_id in POSITION_TEMPLATES:
+        cells[[o.cell for o in scene.objects]] = 1
+    return cells
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,7 +390,8 @@ def make_record(
         return rec
     scene = sample_scene(rng, split, objects_p=objects_p)
     image = render_scene(scene, image_size)
-    rec.update(image=image, text=_random_caption(rng, scene), scene=json.dumps(scene.to_dict()))
+    text, template = _random_caption(rng, scene)
+    rec.update(image=image, text=text, scene=json.dumps(scene.to_dict()), cells=named_cells(scene, template))
     if task == "inpaint":
         if rng.random() < 0.6:
             hole = cells_mask([scene.objects[rng.integers(len(scene.objects))].cell], image_size)

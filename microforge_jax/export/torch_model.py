@@ -647,7 +647,12 @@ class Backbone(nn.Module):
         grid_hw = (h // p, x.shape[2])
         x = x.reshape(b, grid_hw[0] * grid_hw[1], -1)
         if self.bb["pos_embed"] == "sincos":
-            x = x + sincos_2d(*grid_hw, x.shape[-1], x.device)[None]
+            if source_BxCxhxw is not None and self.bb.get("source_positions", "grid") == "aligned":
+                pos = sincos_2d(h // p, w // p, x.shape[-1], x.device).reshape(h // p, w // p, -1)
+                pos = torch.cat([pos, pos], dim=1).reshape(grid_hw[0] * grid_hw[1], -1)  # the source at the target's
+            else:
+                pos = sincos_2d(*grid_hw, x.shape[-1], x.device)
+            x = x + pos[None]
         task_B = torch.zeros(b, dtype=torch.long, device=x.device) if task_B is None else task_B.long()
         t_emb = self.t_fc2(F.silu(self.t_fc1(timestep_embedding(t_B, 256))))
         silu_cond = F.silu(t_emb + self.pooled_proj(pooled_BxE) + self.task_embed[task_B])

@@ -183,7 +183,13 @@ class Backbone(nn.Module):
         grid_hw = (h // p, x.shape[2])
         x = x.reshape(b, grid_hw[0] * grid_hw[1], d)
         if cfg.pos_embed == "sincos":
-            x = x + layers.sincos_2d(*grid_hw, d).astype(self.dtype)[None]
+            if source_BxhxwxC is not None and cfg.source_positions == "aligned":
+                # The source half repeats the target's positions: cell (i, j) of both at one place.
+                pos = layers.sincos_2d(h // p, w // p, d).reshape(h // p, w // p, d)
+                pos = jnp.concatenate([pos, pos], axis=1).reshape(-1, d)  # rows of [target | source]
+            else:
+                pos = layers.sincos_2d(*grid_hw, d)
+            x = x + pos.astype(self.dtype)[None]
         x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
         # ---- conditioning vector: t_emb + pooled text + task (fp32: timestep frequencies)

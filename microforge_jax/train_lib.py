@@ -427,6 +427,14 @@ def _perceptual(hp, load: bool = True) -> tuple[dict[str, Any], Any]:
     return {"lpips": weights}, lpips.LPIPS()
 
 
+def _measure_and_save_latent_stats(config, workdir: Path, vae_params: Any, mesh, rules) -> None:
+    scale, shift = measure_latent_stats(config, vae_params, mesh, rules)
+    config.model.vae.scaling_factor, config.model.vae.shift_factor = scale, shift
+    if jax.process_index() == 0:
+        checkpoint.save_run_config(workdir, config)
+    print(f"[vae] latent scale {scale:.4f}, shift {shift:.4f} (saved in config.json)")
+
+
 def measure_latent_stats(config, vae_params, mesh, rules) -> tuple[float, float]:
     """The VAE latent's scale and shift over a few training batches: 1 / std and mean."""
     cfg = ModelConfig.from_config(config)
@@ -649,11 +657,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         if stage == "vae":
             vae_params = run_vae_stage(config, workdir, mesh, rules)
             if config.model.vae.scaling_factor == 1.0 and config.model.vae.shift_factor == 0.0:
-                scale, shift = measure_latent_stats(config, vae_params, mesh, rules)
-                config.model.vae.scaling_factor, config.model.vae.shift_factor = scale, shift
-                if jax.process_index() == 0:
-                    checkpoint.save_run_config(workdir, config)
-                print(f"[vae] latent scale {scale:.4f}, shift {shift:.4f} (saved in config.json)")
+                _measure_and_save_latent_stats(config, workdir, vae_params, mesh, rules)
         elif stage == "edit" and config.data.source == "folder":
             print("[edit] skipped: a folder of captioned images has no edit pairs (data.source='folder')")
             continue
@@ -663,6 +667,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 if "vae" not in loaded:
                     raise checkpoint.RunError(f"stage {stage!r} needs a trained VAE: run the 'vae' stage first")
                 vae_params = loaded["vae"]
+                if config.model.vae.scaling_factor == 1.0 and config.model.vae.shift_factor == 0.0:
+                    # A VAE checkpoint without its measured scale (a run directory put together by
+                    # hand, without config.json): measure it now rather than train on raw latents.
+                    _measure_and_save_latent_stats(config, workdir, vae_params, mesh, rules)
             if stage in ("flow", "edit"):
                 run_flow_stage(stage, config, workdir, mesh, rules, vae_params)
             else:

@@ -114,6 +114,20 @@ def test_latent_scale_and_shift_are_measured_into_config_json(finished_run):
     assert saved.model.text.embed_dim == 384  # resolved from MiniLM's config.json
 
 
+def test_a_vae_checkpoint_without_config_json_gets_its_latent_stats_measured(finished_run, tmp_path):
+    """A run directory put together by hand (the VAE checkpoints copied, no config.json): the flow
+    stage measures the latent scale/shift instead of training on raw latents (scale 1, shift 0)."""
+    import shutil
+
+    source, _ = finished_run
+    workdir = tmp_path / "handmade"
+    shutil.copytree(source / "checkpoints" / "vae", workdir / "checkpoints" / "vae")
+    train_lib.train_and_evaluate(_config("stages=('flow',)", steps=0), workdir)
+    got, want = checkpoint.read_run_config(workdir).model.vae, checkpoint.read_run_config(source).model.vae
+    assert got.scaling_factor != 1.0 and got.shift_factor != 0.0
+    np.testing.assert_allclose([got.scaling_factor, got.shift_factor], [want.scaling_factor, want.shift_factor], rtol=1e-5)
+
+
 def test_load_run_returns_ema_params_for_inference(finished_run):
     workdir, _ = finished_run
     config, params = checkpoint.load_run(workdir)

@@ -253,6 +253,15 @@ def test_a_run_saved_before_a_key_existed_resumes_with_its_old_value():
     with pytest.raises(RunError, match="patch_size is 1 in the saved run but 2"):
         checkpoint.check_compatible(old, load_config("nano"))
 
+    # Every key added since: a run saved without it resumes under today's default config.
+    old = load_config("nano")
+    with old.unlocked():
+        del old.model.backbone["source_positions"]
+    assert ModelConfig.from_config(old).backbone.source_positions == "grid"
+    checkpoint.check_compatible(old, load_config("nano"))
+    with pytest.raises(RunError, match="source_positions is 'grid' in the saved run but 'aligned'"):
+        checkpoint.check_compatible(old, load_config("nano", ["model.backbone.source_positions=aligned"]))
+
 
 def test_run_config_round_trip_is_atomic(tmp_path):
     config = _config()

@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     b.pos_embed = "sincos"  # "sincos" (2-D, any grid size) or "none"
     # Editing: the source half's positions, "grid" (columns w..2w-1) or "aligned" (the target's own)
     b.source_positions = "grid"
+    # Editing: a zero-initialised linear path from source token (i, j) to target token (i, j), beside
+    # the width concatenation (copying no longer has to cross w tokens)
+    b.source_skip = False
     # Ablations from the seed (section 10).
     b.use_planner = True  # A1: False removes the Recurrent Latent Planner
     b.mixer = "bissm"  # A2: "attention" replaces the BiSSM by full self-attention

@@ -64,7 +64,11 @@ DATA_ITEM = "data"
 # config still holds the defaults, so these may differ without meaning "another model".
 MEASURED_KEYS: frozenset[str] = frozenset({"model.vae.scaling_factor", "model.vae.shift_factor"})
 # Model keys added after runs were saved without them, with the value those runs had.
-ADDED_KEYS: dict[str, Any] = {"model.backbone.patch_size": 1, "model.backbone.source_positions": "grid"}
+ADDED_KEYS: dict[str, Any] = {
+    "model.backbone.patch_size": 1,
+    "model.backbone.source_positions": "grid",
+    "model.backbone.source_skip": False,
+}
 
 
 class RunError(ValueError):

@@ -182,6 +182,9 @@ class BackboneConfig:
     # source] grid; runs saved before the key existed) or "aligned" (the target's, so token (i, j)
     # of the source sits at the position of target token (i, j), as in FLUX.1 Kontext).
     source_positions: str = "grid"
+    # Editing: also add a zero-initialised projection of source token (i, j) to target token (i, j)
+    # (a channel-concatenation path beside the width concatenation); False in runs saved before.
+    source_skip: bool = False
 
     @property
     def num_heads(self) -> int:

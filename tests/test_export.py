@@ -339,10 +339,14 @@ def test_ablated_denoisers_match(ablation, redraw, text, relerr):
     assert err <= TOL
 
 
-@pytest.mark.parametrize("source_positions", ["grid", "aligned"])
-def test_patchified_backbone_parity_with_source(redraw, text, relerr, source_positions):
+@pytest.mark.parametrize("source_positions,source_skip", [("grid", False), ("aligned", True)])
+def test_patchified_backbone_parity_with_source(redraw, text, relerr, source_positions, source_skip):
     """patch_size=2: 2x2 latent cells per token (PyTorch pixel_unshuffle order), with a source grid."""
-    overrides = ["model.backbone.patch_size=2", f"model.backbone.source_positions={source_positions}"]
+    overrides = [
+        "model.backbone.patch_size=2",
+        f"model.backbone.source_positions={source_positions}",
+        f"model.backbone.source_skip={source_skip}",
+    ]
     cfg = ModelConfig.from_config(load_config("nano", TINY + overrides))
     den = build_denoiser(cfg)
     rng = np.random.default_rng(5)
@@ -354,6 +358,7 @@ def test_patchified_backbone_parity_with_source(redraw, text, relerr, source_pos
         lambda: den.init(jax.random.key(0), z, tt, text[0], prev_plan_BxKxD=jnp.zeros((B, K, D))), 6, redraw
     )
     assert dparams["backbone"]["patch_embed"]["kernel"].shape == (4 * C, D)
+    assert ("source_skip" in dparams["backbone"]) == source_skip
     fn = jax.jit(lambda p, *a: den.apply({"params": p}, *a, method="velocity"))
     v_j = fn(dparams, z, tt, text[0], plan, task_b, source)
     spread(v_j)
@@ -364,7 +369,7 @@ def test_patchified_backbone_parity_with_source(redraw, text, relerr, source_pos
     with torch.no_grad():
         v_t = m.backbone(nchw(z), t(tt), *torch_text(text[0]), t(plan), t(task_b), nchw(source))
     err = relerr(nhwc(v_t), v_j)
-    print(f"backbone velocity (patch 2, edit, {source_positions} source positions): {err:.1e}")
+    print(f"backbone velocity (patch 2, edit, {source_positions} source positions, skip {source_skip}): {err:.1e}")
     assert err <= TOL
 
 

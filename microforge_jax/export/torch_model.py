@@ -613,6 +613,7 @@ class Backbone(nn.Module):
         self.p = p = bb.get("patch_size", 1)
         self.patch_embed = nn.Linear(c * p * p, d)
         self.segment_embed = nn.Parameter(torch.zeros(2, d))
+        self.source_skip = nn.Linear(c * p * p, d, bias=False) if bb.get("source_skip", False) else None
         self.t_fc1, self.t_fc2 = nn.Linear(256, d), nn.Linear(d, d)
         self.task_embed = nn.Parameter(torch.zeros(NUM_TASKS, d))
         self.pooled_proj, self.text_proj = nn.Linear(e, d), nn.Linear(e, d)
@@ -643,6 +644,8 @@ class Backbone(nn.Module):
         x = self.patch_embed(F.pixel_unshuffle(z_BxCxhxw, p).permute(0, 2, 3, 1)) + seg[0]
         if source_BxCxhxw is not None:  # editing: [target | source] along the width
             src = F.pixel_unshuffle(source_BxCxhxw, p).permute(0, 2, 3, 1)
+            if self.source_skip is not None:  # source cell (i, j) -> target token (i, j)
+                x = x + self.source_skip(src)
             x = torch.cat([x, self.patch_embed(src) + seg[1]], dim=2)
         grid_hw = (h // p, x.shape[2])
         x = x.reshape(b, grid_hw[0] * grid_hw[1], -1)

@@ -177,9 +177,17 @@ class Backbone(nn.Module):
         patch = layers.dense(d, (None, axes.EMBED), name="patch_embed", **kw)
         segment = layers.param(self, "segment_embed", _init_tokens, (2, d), (None, axes.EMBED), self.param_dtype)
         x = patch(pixel_unshuffle(z_BxhxwxC.astype(self.dtype), p)) + segment[0].astype(self.dtype)
+        skip = None
+        if cfg.source_skip:  # a submodule: its name, not a counter, seeds it, so no other init moves
+            skip = layers.dense(d, (None, axes.EMBED), kernel_init=layers.zeros, use_bias=False, name="source_skip", **kw)
         if source_BxhxwxC is not None:
-            src = patch(pixel_unshuffle(source_BxhxwxC.astype(self.dtype), p)) + segment[1].astype(self.dtype)
+            src_cells = pixel_unshuffle(source_BxhxwxC.astype(self.dtype), p)
+            if skip is not None:
+                x = x + skip(src_cells)
+            src = patch(src_cells) + segment[1].astype(self.dtype)
             x = jnp.concatenate([x, src], axis=2)
+        elif skip is not None:
+            skip(jnp.zeros((0, c * p * p), self.dtype))  # create it: generate and edit share one tree
         grid_hw = (h // p, x.shape[2])
         x = x.reshape(b, grid_hw[0] * grid_hw[1], d)
         if cfg.pos_embed == "sincos":

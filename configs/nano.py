@@ -6,7 +6,8 @@
 
 Sized by measurement for a 2-core CPU (BENCHMARKS.md, "The default run"): the whole curriculum
 (VAE, flow, edit) plus the ShapesEval at the end took 25 minutes with 700 flow and 200 edit steps;
-issue 8 cut them to 500 and 100 for the 20-minute goal: 17.9 minutes end to end (session 4).
+issue 8 cut them to 500 and 100 for the 20-minute goal: 17.9 minutes end to end (session 4, shared
+cores), 17.0 on a quiet machine (session 5).
 """
 
 from configs import base

@@ -246,27 +246,25 @@ def test_sharded_params_and_forward(model_and_params, relerr):
     assert relerr(plan_sharded, plan_one) <= 1e-5
 
 
-def test_source_skip_adds_one_zero_initialised_parameter_and_leaves_the_rest_unchanged():
-    """The option must not move any other parameter's initialisation (Flax folds each module's name
-    into its rng), so a flow stage trains the same model with or without it."""
-    base, skip = _cfg(), _cfg("model.backbone.source_skip=True")
-    z, t, text = _inputs(base)
-    p0 = nn.unbox(build_denoiser(base).init(jax.random.key(0), z, t, text)["params"])
-    p1 = nn.unbox(build_denoiser(skip).init(jax.random.key(0), z, t, text)["params"])
-    w = p1["backbone"].pop("source_skip")["kernel"]
-    assert w.shape == (base.latent_channels * base.backbone.patch_size**2, base.backbone.dim) and not np.any(w)
-    for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1), strict=True):
+def test_source_skip_adds_one_zero_initialised_parameter_and_leaves_the_rest_unchanged(model_and_params, redraw):
+    """The option must not move any other parameter's initialisation (a named submodule: Flax
+    seeds it from its name, not a counter), so a flow stage trains the same model with or without it."""
+    cfg, _, p0, _, _ = model_and_params
+    skip_cfg = _cfg("model.backbone.source_skip=True")
+    model = build_denoiser(skip_cfg)
+    z, t, text = _inputs(cfg)
+    p1 = jax.jit(lambda: model.init(jax.random.key(0), z, t, text, source_BxhxwxC=jnp.zeros_like(z)))()
+    p1 = nn.unbox(p1)
+    w = p1["params"]["backbone"]["source_skip"]["kernel"]
+    assert w.shape == (cfg.latent_channels * cfg.backbone.patch_size**2, cfg.backbone.dim) and not np.any(w)
+    rest = {**p1["params"], "backbone": {k: v for k, v in p1["params"]["backbone"].items() if k != "source_skip"}}
+    for a, b in zip(jax.tree.leaves(nn.unbox(p0)["params"]), jax.tree.leaves(rest), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # With a non-zero skip the source reaches the target's tokens directly.
-    model = build_denoiser(skip)
-    src = _inputs(base, seed=3)[0]
-    edit = jnp.full((2,), task_id("edit"))
-    leaves, treedef = jax.tree.flatten(p1)  # away from init's zero gates: every branch contributes
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    p1 = treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-    # (not a constant matrix: it adds the same value to every feature, which the LayerNorms remove)
-    p1["backbone"]["source_skip"] = {"kernel": jax.random.normal(jax.random.key(1), w.shape)}
-    v_a, _ = model.apply({"params": p1}, z, t, text, task_B=edit, source_BxhxwxC=src)
-    p1["backbone"]["source_skip"] = {"kernel": jnp.zeros_like(w)}
-    v_b, _ = model.apply({"params": p1}, z, t, text, task_B=edit, source_BxhxwxC=src)
+    # With a non-zero skip (and no zero gates: every branch contributes) the source reaches the target.
+    params = redraw(p1, seed=2)
+    apply = jax.jit(lambda p, src: model.apply(p, z, t, text, task_B=jnp.full((2,), task_id("edit")), source_BxhxwxC=src)[0])
+    src = _inputs(cfg, seed=3)[0]
+    v_a = apply(params, src)
+    params["params"]["backbone"]["source_skip"]["kernel"] = jnp.zeros_like(w)
+    v_b = apply(params, src)
     assert float(jnp.abs(v_a - v_b).max()) > 1e-3

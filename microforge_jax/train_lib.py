@@ -427,7 +427,10 @@ def _perceptual(hp, load: bool = True) -> tuple[dict[str, Any], Any]:
     return {"lpips": weights}, lpips.LPIPS()
 
 
-def _measure_and_save_latent_stats(config, workdir: Path, vae_params: Any, mesh, rules) -> None:
+def _ensure_latent_stats(config, workdir: Path, vae_params: Any, mesh, rules) -> None:
+    """Measures the latent scale/shift into config.json unless the run already has them (not 1 and 0)."""
+    if config.model.vae.scaling_factor != 1.0 or config.model.vae.shift_factor != 0.0:
+        return
     scale, shift = measure_latent_stats(config, vae_params, mesh, rules)
     config.model.vae.scaling_factor, config.model.vae.shift_factor = scale, shift
     if jax.process_index() == 0:
@@ -656,8 +659,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         t0 = time.perf_counter()
         if stage == "vae":
             vae_params = run_vae_stage(config, workdir, mesh, rules)
-            if config.model.vae.scaling_factor == 1.0 and config.model.vae.shift_factor == 0.0:
-                _measure_and_save_latent_stats(config, workdir, vae_params, mesh, rules)
+            _ensure_latent_stats(config, workdir, vae_params, mesh, rules)
         elif stage == "edit" and config.data.source == "folder":
             print("[edit] skipped: a folder of captioned images has no edit pairs (data.source='folder')")
             continue
@@ -667,10 +669,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 if "vae" not in loaded:
                     raise checkpoint.RunError(f"stage {stage!r} needs a trained VAE: run the 'vae' stage first")
                 vae_params = loaded["vae"]
-                if config.model.vae.scaling_factor == 1.0 and config.model.vae.shift_factor == 0.0:
-                    # A VAE checkpoint without its measured scale (a run directory put together by
-                    # hand, without config.json): measure it now rather than train on raw latents.
-                    _measure_and_save_latent_stats(config, workdir, vae_params, mesh, rules)
+                # A VAE checkpoint without its measured scale (a run directory put together by
+                # hand, without config.json): measure it now rather than train on raw latents.
+                _ensure_latent_stats(config, workdir, vae_params, mesh, rules)
             if stage in ("flow", "edit"):
                 run_flow_stage(stage, config, workdir, mesh, rules, vae_params)
             else:

@@ -20,7 +20,7 @@ part() {  # part NAME SECONDS ARGS...: one benchmark process, its rows printed a
   echo "=== $name (limit ${limit}s) $(date -u +%T)"
   timeout "$limit" "$PY" -m microforge_jax.bench "$@" >"$OUT/$name.log" 2>&1
   echo "rc=$? $(date -u +%T)"
-  grep -E '^\[|Error' "$OUT/$name.log" | cut -c1-330 | tail -n 30
+  grep -E '^\[|Error' "$OUT/$name.log" | cut -c1-330 | tail -n "${TAIL:-30}"
 }
 
 nvidia-smi -L
@@ -45,6 +45,8 @@ for p in $PARTS; do
     accel_scan) part accel_scan 300 --parts accel --repeats 5 --accel-sample base --accel-sample-batch 16 --accel-train small --accel-train-batch 32 --accel-scan associative,pallas ;;
     # the MFU rows alone (small, Pallas scan first), then base sampling alone: for a short call.
     mfu_scan) part mfu_scan 170 --parts accel --repeats 5 --accel-sample "" --accel-train small --accel-train-batch 32 --accel-scan pallas,associative ;;
+    # session 6: MFU with the Pallas scan at two batches for small and base, each step's device time by XLA op.
+    mfu_profile) part mfu_profile 330 --parts accel --repeats 5 --accel-sample "" --accel-train small,base --accel-train-batch 32,128 --accel-scan pallas --accel-profile ;;
     sample_base) part sample_base 90 --parts accel --repeats 5 --accel-sample base --accel-sample-batch 16 --accel-train "" ;;
     bissm_pallas) part bissm_pallas 90 --parts bissm --bissm-what scan --bissm-lengths 256,1024,4096 --bissm-forms associative,pallas --bissm-repeats 5 ;;
     # slower extras: the scan forms, torch.compile, memory.

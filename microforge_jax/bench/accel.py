@@ -21,6 +21,11 @@ with `--accel-size`), but the goals are the GPU's.
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import os
+import re
+import tempfile
 import time
 
 import jax
@@ -64,6 +69,71 @@ def bf16_matmul_rate(n: int = 8192, repeats: int = 10) -> float:
     return 2 * n**3 / (ms / 1e3)
 
 
+# Op-name patterns of `kernel_profile`'s summary line, first match wins.
+OP_KINDS = (
+    ("matmul", ("gemm", "dot", "cublas", "matmul", "conv", "ynn_", "onednn")),  # ynn_: XNNPACK on a CPU
+    ("scan kernel", ("custom-call", "custom_call", "triton", "pallas", "scan")),
+    ("copy/transpose", ("copy", "transpose", "gather", "scatter", "dynamic-update-slice", "dynamic_update_slice")),
+    ("reduce", ("reduce",)),
+)
+_CONTAINERS = ("ThunkExecutor", "SlinkyThreadPool", "ThreadpoolListener", "end: ", "while")  # a CPU's nesting
+
+
+def op_kind(name: str) -> str:
+    low = name.lower()
+    for kind, needles in OP_KINDS:
+        if any(n in low for n in needles):
+            return kind
+    return "other elementwise"
+
+
+def kernel_profile(run, steps: int = 3, top: int = 25) -> list[str]:
+    """Device time of `steps` calls of `run`, grouped by XLA op (trailing `.N` stripped), per call.
+
+    Read from the trace `jax.profiler.trace` writes (`jax.profiler.ProfileData`): on a GPU the
+    device planes' "XLA Ops" line (HLO instruction names: fusions, GEMMs, custom calls such as
+    the Pallas kernels); where a device plane has no such line, its stream lines (kernel names);
+    on a CPU the host's thunks, leaving out the containers that nest them. Returns printable
+    lines: the total and a split by kind of op (`OP_KINDS`), then the `top` groups by time.
+    """
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(steps):
+                run()
+        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        data = ProfileData.from_file(paths[0])
+    total, count = collections.Counter(), collections.Counter()
+    device = [p for p in data.planes if p.name.startswith("/device:")]
+    names = []
+    for plane in device or [p for p in data.planes if p.name == "/host:CPU"]:
+        lines = list(plane.lines)
+        names += [f"{plane.name}:{ln.name}" for ln in lines]
+        ops = [ln for ln in lines if ln.name == "XLA Ops"] or [
+            ln for ln in lines if ln.name.startswith("Stream") or (not device and ln.name != "python")
+        ]
+        for line in ops:
+            for ev in line.events:
+                if ev.duration_ns <= 0 or ev.name.startswith(_CONTAINERS):
+                    continue
+                key = re.sub(r"(\.\d+)+$", "", ev.name.lstrip("%"))
+                total[key] += ev.duration_ns / steps
+                count[key] += 1 / steps
+    all_ms = sum(total.values()) / 1e6
+    kinds = collections.Counter()
+    for key, ns in total.items():
+        kinds[op_kind(key)] += ns / 1e6
+    out = [
+        f"device op time {all_ms:.2f} ms per call, {sum(count.values()):.0f} ops in {len(total)} groups "
+        f"(trace lines: {', '.join(names[:8])})",
+        "by kind: " + ", ".join(f"{k} {v:.2f} ms ({100 * v / max(all_ms, 1e-9):.0f}%)" for k, v in kinds.most_common()),
+    ]
+    for key, ns in total.most_common(top):
+        out.append(f"{ns / 1e6:8.3f} ms {100 * ns / 1e6 / max(all_ms, 1e-9):5.1f}%  x{count[key]:5.0f}  {key[:90]}")
+    return out
+
+
 def _bf16_config(name: str, size: int, scan: str = "auto"):
     config = load_config(name, ["model.dtype=bfloat16", f"model.backbone.scan_impl={scan}"])
     config.image_size = size
@@ -71,8 +141,9 @@ def _bf16_config(name: str, size: int, scan: str = "auto"):
 
 
 def train_row(
-    name: str, size: int, batch: int, repeats: int, peak: float | None, matmul: float, scan: str = "auto"
-) -> dict:
+    name: str, size: int, batch: int, repeats: int, peak: float | None, matmul: float, scan: str = "auto",
+    profile: bool = False,
+) -> dict:  # fmt: skip
     """One bf16 flow step on cached posteriors with one scan form: median ms, compile s and MFU."""
     config = _bf16_config(name, size, scan)
     cfg = ModelConfig.from_config(config)
@@ -85,6 +156,9 @@ def train_row(
     batch_["latent_logvar"] = jnp.full(hw, -4.0, jnp.float32)
     run, compile_s = compare.compiled_step(step, state, batch_, rng, frozen)
     ms = compare.median_ms(run, repeats)
+    if profile:
+        for line in kernel_profile(run):
+            print(f"[accel profile] {name} b{batch} {scan}: {line}", flush=True)
     den = compare.denoiser_flops(cfg, (size // f, size // f))
     flops = 3 * batch * (den["dense"] + den["scan"])
     rate = flops / (ms / 1e3)
@@ -128,11 +202,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accel-train", default="small,base", help="configs for the MFU rows ('' for none)")
     parser.add_argument("--accel-sample", default="base", help="configs for the sampling-throughput rows")
     parser.add_argument("--accel-size", type=int, default=512, help="image side in px")
-    parser.add_argument("--accel-train-batch", type=int, default=32, help="flow-step batch")
+    parser.add_argument("--accel-train-batch", default="32", help="flow-step batches, comma-separated")
     parser.add_argument("--accel-sample-batch", type=int, default=16, help="sampling batch")
     parser.add_argument("--accel-steps", type=int, default=4, help="guided Euler steps")
     parser.add_argument(
         "--accel-scan", default="auto", help="scan forms of the MFU rows, one row each (e.g. associative,pallas)"
+    )
+    parser.add_argument(
+        "--accel-profile", action="store_true", help="print each MFU row's device time by XLA op (jax.profiler)"
     )
 
 
@@ -154,12 +231,15 @@ def rows(args) -> list[dict]:
         ("sample", n) for n in args.accel_sample.split(",") if n
     ]  # the cheaper compiles first
     scans = [s for s in getattr(args, "accel_scan", "auto").split(",") if s]
-    jobs += [("train", n, s) for n in args.accel_train.split(",") if n for s in scans]
-    for what, name, *scan in jobs:
-        print(f"[accel] {what} {name} {' '.join(scan)}...", flush=True)
+    batches = [int(b) for b in str(args.accel_train_batch).split(",") if b]
+    jobs += [("train", n, s, b) for n in args.accel_train.split(",") if n for b in batches for s in scans]
+    profile = getattr(args, "accel_profile", False)
+    for what, name, *rest in jobs:
+        print(f"[accel] {what} {name} {' '.join(map(str, rest))}...", flush=True)
         try:
             if what == "train":
-                r = train_row(name, args.accel_size, args.accel_train_batch, args.repeats, peak, matmul, *scan)
+                scan, batch = rest
+                r = train_row(name, args.accel_size, batch, args.repeats, peak, matmul, scan, profile)
             else:
                 r = sample_row(name, args.accel_size, args.accel_sample_batch, args.accel_steps, args.repeats)
         except Exception as exc:  # noqa: BLE001 - one failed case (out of memory, say) is a row, not a crash

@@ -47,6 +47,8 @@ for p in $PARTS; do
     mfu_scan) part mfu_scan 170 --parts accel --repeats 5 --accel-sample "" --accel-train small --accel-train-batch 32 --accel-scan pallas,associative ;;
     # session 6: MFU with the Pallas scan at two batches for small and base, each step's device time by XLA op.
     mfu_profile) part mfu_profile 330 --parts accel --repeats 5 --accel-sample "" --accel-train small,base --accel-train-batch 32,128 --accel-scan pallas --accel-profile ;;
+    # the same profile for one batch, with the optimized HLO kept (to name the fusions).
+    profile_b32) part profile_b32 240 --parts accel --repeats 5 --accel-sample "" --accel-train small,base --accel-train-batch 32 --accel-scan pallas --accel-profile --accel-hlo-dir "$OUT/hlo" ;;
     sample_base) part sample_base 90 --parts accel --repeats 5 --accel-sample base --accel-sample-batch 16 --accel-train "" ;;
     bissm_pallas) part bissm_pallas 90 --parts bissm --bissm-what scan --bissm-lengths 256,1024,4096 --bissm-forms associative,pallas --bissm-repeats 5 ;;
     # slower extras: the scan forms, torch.compile, memory.

@@ -224,15 +224,48 @@ def test_accel_rows_give_images_per_second_from_the_timing(monkeypatch):
     assert rows[1]["median_ms"] == 50.0 and rows[1]["ratio"] == "40.0 images/s"  # 2 images / 50 ms
 
 
-def test_accel_train_rows_one_per_config_and_scan_form(monkeypatch):
+def test_accel_train_rows_one_per_config_batch_and_scan_form(monkeypatch):
     from microforge_jax.bench import accel, compare
 
     calls = []
     monkeypatch.setattr(accel, "bf16_matmul_rate", lambda n, repeats: 1e12)
-    monkeypatch.setattr(
-        accel, "train_row", lambda name, *a: calls.append((name, a[-1])) or compare.row("accel", name, a[-1])
-    )
-    args = _args(accel, ["--accel-train", "tiny,small", "--accel-sample", "", "--accel-scan", "associative,pallas"])
+
+    def fake_row(name, size, batch, repeats, peak, matmul, scan, profile, hlo_dir):
+        calls.append((name, batch, scan, profile))
+        return compare.row("accel", name, scan)
+
+    monkeypatch.setattr(accel, "train_row", fake_row)
+    args = _args(accel, ["--accel-train", "tiny,small", "--accel-sample", "", "--accel-scan", "associative,pallas",
+                         "--accel-train-batch", "8,32"])  # fmt: skip
     args.repeats = 1
     accel.rows(args)
-    assert calls == [("tiny", "associative"), ("tiny", "pallas"), ("small", "associative"), ("small", "pallas")]
+    assert calls == [
+        (name, batch, scan, False)
+        for name in ("tiny", "small")
+        for batch in (8, 32)
+        for scan in ("associative", "pallas")
+    ]
+
+
+def test_kernel_profile_groups_the_traced_ops():
+    import jax
+    import jax.numpy as jnp
+
+    from microforge_jax.bench import accel
+
+    assert accel.op_kind("gemm_fusion_dot_1194") == "matmul"
+    assert accel.op_kind("nvjet_sm90_tst_128x128_64x6_2x1_v_bz_TNT") == "matmul"  # cuBLAS on Hopper
+    assert accel.op_kind("loop_add_multiply_fusion") == "other elementwise"
+    assert accel.op_kind("selective_scan_bwd") == "scan kernel"
+    assert accel.op_kind("input_convert_reduce_fusion_26") == "reduce"
+    assert accel.op_kind("loop_transpose_fusion") == "copy/transpose/flip"
+    assert accel.op_kind("loop_convert_reverse_slice_fusion_11") == "copy/transpose/flip"
+
+    f = jax.jit(lambda a: jnp.tanh(a @ a).sum(0))
+    a = jax.random.normal(jax.random.key(0), (256, 256))
+    lines = accel.kernel_profile(lambda: jax.block_until_ready(f(a)), steps=2, top=4)
+    total = float(lines[0].split("device op time ")[1].split(" ms")[0])
+    assert total > 0 and lines[1].startswith("by kind: ")
+    groups = [float(line.split(" ms")[0]) for line in lines[2:]]
+    assert 1 <= len(groups) <= 4 and groups == sorted(groups, reverse=True)
+    assert sum(groups) <= total * 1.0001

@@ -69,20 +69,20 @@ def bf16_matmul_rate(n: int = 8192, repeats: int = 10) -> float:
     return 2 * n**3 / (ms / 1e3)
 
 
-# Op-name patterns of `kernel_profile`'s summary line, first match wins.
+# Op-name patterns of `kernel_profile`'s summary line, first match wins. nvjet_*: cuBLAS's GEMM
+# kernels on Hopper; ynn_*: XNNPACK's on a CPU. ("conv" alone would match XLA's "convert" fusions.)
 OP_KINDS = (
-    ("matmul", ("gemm", "dot", "cublas", "matmul", "conv", "ynn_", "onednn")),  # ynn_: XNNPACK on a CPU
-    ("scan kernel", ("custom-call", "custom_call", "triton", "pallas", "scan")),
-    ("copy/transpose", ("copy", "transpose", "gather", "scatter", "dynamic-update-slice", "dynamic_update_slice")),
-    ("reduce", ("reduce",)),
+    ("matmul", r"gemm|dot|cublas|nvjet|cutlass|xmma|matmul|convolution|cudnn|ynn_|onednn"),
+    ("scan kernel", r"custom-call|custom_call|triton|pallas|selective_scan"),
+    ("copy/transpose/flip", r"copy|transpose|gather|scatter|reverse|dynamic.update.slice"),
+    ("reduce", r"reduce"),
 )
 _CONTAINERS = ("ThunkExecutor", "SlinkyThreadPool", "ThreadpoolListener", "end: ", "while")  # a CPU's nesting
 
 
 def op_kind(name: str) -> str:
-    low = name.lower()
-    for kind, needles in OP_KINDS:
-        if any(n in low for n in needles):
+    for kind, pattern in OP_KINDS:
+        if re.search(pattern, name.lower()):
             return kind
     return "other elementwise"
 
@@ -142,7 +142,7 @@ def _bf16_config(name: str, size: int, scan: str = "auto"):
 
 def train_row(
     name: str, size: int, batch: int, repeats: int, peak: float | None, matmul: float, scan: str = "auto",
-    profile: bool = False,
+    profile: bool = False, hlo_dir: str = "",
 ) -> dict:  # fmt: skip
     """One bf16 flow step on cached posteriors with one scan form: median ms, compile s and MFU."""
     config = _bf16_config(name, size, scan)
@@ -156,8 +156,12 @@ def train_row(
     batch_["latent_logvar"] = jnp.full(hw, -4.0, jnp.float32)
     run, compile_s = compare.compiled_step(step, state, batch_, rng, frozen)
     ms = compare.median_ms(run, repeats)
+    if hlo_dir:
+        os.makedirs(hlo_dir, exist_ok=True)
+        with open(os.path.join(hlo_dir, f"{name}_b{batch}_{scan}.hlo.txt"), "w") as fh:
+            fh.write(run.compiled.as_text())
     if profile:
-        for line in kernel_profile(run):
+        for line in kernel_profile(run, top=40):
             print(f"[accel profile] {name} b{batch} {scan}: {line}", flush=True)
     den = compare.denoiser_flops(cfg, (size // f, size // f))
     flops = 3 * batch * (den["dense"] + den["scan"])
@@ -211,6 +215,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--accel-profile", action="store_true", help="print each MFU row's device time by XLA op (jax.profiler)"
     )
+    parser.add_argument("--accel-hlo-dir", default="", help="write each MFU row's optimized HLO text here")
 
 
 def rows(args) -> list[dict]:
@@ -239,7 +244,10 @@ def rows(args) -> list[dict]:
         try:
             if what == "train":
                 scan, batch = rest
-                r = train_row(name, args.accel_size, batch, args.repeats, peak, matmul, scan, profile)
+                r = train_row(
+                    name, args.accel_size, batch, args.repeats, peak, matmul, scan, profile,
+                    getattr(args, "accel_hlo_dir", ""),
+                )  # fmt: skip
             else:
                 r = sample_row(name, args.accel_size, args.accel_sample_batch, args.accel_steps, args.repeats)
         except Exception as exc:  # noqa: BLE001 - one failed case (out of memory, say) is a row, not a crash

@@ -505,6 +505,7 @@ def compiled_step(step, state, batch, rng, frozen) -> tuple[Callable[[], dict], 
         jax.block_until_ready((holder["state"], metrics))
         return metrics
 
+    run.compiled = compiled  # for the optimized HLO (`--accel-hlo-dir`)
     return run, compile_s
 
 

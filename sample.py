@@ -2,6 +2,7 @@
 
     python sample.py --workdir runs/nano --prompt "a red circle" --num 4 --steps 20 --cfg 4
     python sample.py --task edit --source in.png --prompt "make the circle blue"
+    python sample.py --task edit --source in.png --prompt "make the circle blue" --strength 0.7  # keep more of it
     python sample.py --task inpaint --source in.png --mask hole.png --prompt "a red circle at the top"
     python sample.py --task sr --source low.png --size 64x64 --prompt "a red circle"
     python sample.py --steps 2 --prompt "a red circle"   # a consistency-distilled run: 2-step sampling
@@ -36,6 +37,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--task", default="generate", choices=TASKS, help="what to do")
     p.add_argument("--source", default=None, help="source image (edit, inpaint) or low-res image (sr)")
     p.add_argument("--mask", default=None, help="inpaint mask image, the source's size (white = hole)")
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=1.0,
+        help="edit / inpaint / sr: how much of the source to re-draw, in (0, 1]; below 1 sampling starts "
+        "from the source noised to that level (SDEdit; diffusers' img2img strength), 1 from pure noise",
+    )
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument(
         "--vae-tile", type=int, default=None, help="decode in tiles of N latent cells (less memory; 0: whole)"
@@ -65,6 +73,7 @@ def main(argv: list[str]) -> int:
         out=args.out,
         shift=args.shift,
         sampler=args.sampler,
+        strength=args.strength,
         vae_tile=args.vae_tile,
         low_memory=args.low_memory,
     )

@@ -63,6 +63,14 @@ def check_settings(steps: int, cfg: float, num: int = 1) -> None:
         raise SampleError(f"num (images per prompt) must be a positive integer, got {num}")
 
 
+def check_strength(strength: float, task: str) -> None:
+    """Raises SampleError unless `strength` is in (0, 1], and 1 for the text-to-image task."""
+    if not (math.isfinite(strength) and 0.0 < strength <= 1.0):
+        raise SampleError(f"the strength must be in (0, 1] (1: start from pure noise), got {strength}")
+    if strength < 1.0 and task not in sampling.SOURCE_TASKS:
+        raise SampleError(f"a strength below 1 needs a source image (--task edit, inpaint or sr), not --task {task}")
+
+
 class MicroForgePipeline:
     """A trained model ready to sample: config, parameters, text encoder, compiled samplers.
 
@@ -169,7 +177,9 @@ class MicroForgePipeline:
     def edit(self, source_image: Any, prompts: str | Sequence[str], **kw: Any) -> np.ndarray:
         """Edits `source_image` (uint8 (H, W, 3) or one per prompt) by an instruction; output at its size.
 
-        Keyword arguments as `generate` (without `size`).
+        Keyword arguments as `generate` (without `size`), plus `strength` (the source tasks' own): in
+        (0, 1], how much of the source to re-draw; below 1 sampling starts from the source latent
+        noised to t = strength (SDEdit, diffusers' img2img `strength`), 1 from pure noise.
         """
         source = _as_images(source_image, "the source image")
         return self._sample("edit", prompts, source, size=source.shape[1:3], **kw)
@@ -246,11 +256,13 @@ class MicroForgePipeline:
         num: int = 1,
         shift: float | None = None,
         sampler: str | None = None,
+        strength: float = 1.0,
     ) -> np.ndarray:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise SampleError("give at least one prompt")
         check_settings(steps, cfg, num)
+        check_strength(strength, task)
         sampler = self.resolve_sampler(sampler, steps)
         step_fn, stochastic = sampling.step_rule(sampler)
         size = (int(size[0]), int(size[1]))
@@ -280,7 +292,7 @@ class MicroForgePipeline:
         if stochastic:  # the per-step noise: from the seed, apart from the initial noise's stream
             args += [None, jnp.int32(0)] if source is None else []
             args.append(jax.random.fold_in(jax.random.key(seed), 1))
-        key = (source is not None, steps, guided, shift, b, size, text.tokens.shape, sampler)
+        key = (source is not None, steps, guided, shift, b, size, text.tokens.shape, sampler, float(strength))
         t0 = time.perf_counter()
         if key not in self._compiled:
             fn = sampling.make_sampler(
@@ -294,6 +306,7 @@ class MicroForgePipeline:
                 stochastic=stochastic,
                 vae_tile=int(self.config.get("sample_vae_tile", 0)),
                 low_memory=bool(self.config.get("sample_low_memory", False)),
+                strength=float(strength),
             )
             self._compiled[key] = fn.lower(*args).compile()
         t1 = time.perf_counter()
@@ -358,6 +371,7 @@ def sample_to_folder(
     out: str = "samples",
     shift: float | None = None,
     sampler: str | None = None,
+    strength: float = 1.0,
     vae_tile: int | None = None,
     low_memory: bool | None = None,
     log: Callable[[str], None] = print,
@@ -388,6 +402,7 @@ def sample_to_folder(
         raise SampleError(f"unknown sampler {sampler!r}; samplers are {', '.join(sampling.SAMPLERS)}")
     if task not in sampling.TASKS:
         raise SampleError(f"unknown task {task!r}; tasks are {', '.join(sampling.TASKS)}")
+    check_strength(strength, task)
     if (source is not None) != (task in sampling.SOURCE_TASKS):
         raise SampleError(f"--source is {'required' if source is None else 'not used'} with --task {task}")
     if (mask is not None) != (task == "inpaint"):
@@ -412,6 +427,8 @@ def sample_to_folder(
     if low_memory is not None:
         pipe.config.sample_low_memory = bool(low_memory)
     kw = dict(steps=steps, cfg=cfg, seed=seed, num=num, shift=shift, sampler=sampler)
+    if task != "generate":
+        kw["strength"] = strength  # the source tasks' own setting
     if task == "generate":
         images = pipe.generate(prompts, size=size_hw, **kw)
     elif task == "edit":

@@ -172,6 +172,7 @@ def make_sampler(
     vae_tile: int = 0,
     vae_tile_overlap: int = 2,
     low_memory: bool = False,
+    strength: float = 1.0,
 ) -> Callable[..., Samples]:
     """Builds one jitted sampling function (noise -> images) for a model config.
 
@@ -194,6 +195,10 @@ def make_sampler(
       vae_tile_overlap: minimum overlap of neighbouring tiles in latent cells.
       low_memory: on a CPU backend, compile with `LOW_MEMORY_COMPILER_OPTIONS` (the same numbers, a
         lower peak, the same speed; see there); ignored on other backends.
+      strength: with a source, how much of it to re-draw (diffusers' img2img `strength`, SDEdit):
+        sampling starts at t = strength from z = strength * noise + (1 - strength) * source latent
+        and takes `steps` steps down to 0 (the time grid scaled by `strength`); 1 starts from pure
+        noise (the default). In (0, 1]; below 1 only with `with_source`.
 
     Returns:
       `sample(params, text, uncond, noise_BxhxwxC, scale, source_BxHxWx3=None, task=0, key=None) -> Samples`
@@ -206,9 +211,11 @@ def make_sampler(
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    if not 0.0 < strength <= 1.0 or (strength < 1.0 and not with_source):
+        raise ValueError(f"strength must be in (0, 1], and below 1 only with a source; got {strength}")
     denoiser = denoiser if denoiser is not None else build_denoiser(cfg)
     vae = vae if vae is not None else build_vae(cfg)
-    ts = np.asarray(flow.time_grid(steps, shift), np.float32)  # static: a constant in the graph
+    ts = np.asarray(flow.time_grid(steps, shift), np.float32) * np.float32(strength)  # static: a constant
 
     def constrain(x: jax.Array) -> jax.Array:
         return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
@@ -272,7 +279,10 @@ def make_sampler(
         xs = (jnp.asarray(ts[:-1]), jnp.asarray(ts[1:]), jnp.arange(steps) == 0)
         if stochastic:
             xs = (*xs, jax.random.split(key, steps))
-        z0 = constrain(noise_BxhxwxC.astype(jnp.float32))
+        z0 = noise_BxhxwxC.astype(jnp.float32)
+        if strength < 1.0:  # SDEdit: start from the source latent, noised to t = strength
+            z0 = flow.interpolate(source, z0, jnp.full((b,), strength, jnp.float32))
+        z0 = constrain(z0)
         (z, _), plans = jax.lax.scan(body, (z0, plan0), xs)
         images = None
         if decode:

@@ -214,6 +214,29 @@ def test_euler_steps_on_a_known_velocity_field(cfg):
         sampling.make_sampler(cfg, 0)
 
 
+def test_strength_starts_from_the_noised_source_on_a_known_field(cfg, params):
+    """SDEdit: z starts at strength * noise + (1 - strength) * the source latent, and Euler steps run
+    over the time grid scaled by strength (hand-computed here in float64)."""
+    a, b, steps, strength = 0.7, -0.3, 2, 0.6
+    noise = sampling.initial_noise(3, B, (H // 4, W // 4), 4)
+    src = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (B, H, W, 3)), jnp.float32)
+    vae = build_vae(cfg)
+    mode = vae.apply({"params": params["vae"]}, src, method="encode").mode()
+    src_lat = (np.asarray(mode, np.float64) - cfg.vae.shift_factor) * cfg.vae.scaling_factor
+    s = sampling.make_sampler(
+        cfg, steps, guidance=False, decode=False, with_source=True, strength=strength, denoiser=LinearField(a, b)
+    )
+    z = np.asarray(s(params, fake_text(0), None, noise, 1.0, src, task_id("edit")).latent_BxhxwxC, np.float64)
+    want = strength * np.asarray(noise, np.float64) + (1 - strength) * src_lat
+    ts = strength * np.linspace(1, 0, steps + 1)
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        want = want - (t - t_next) * (a * want + b)
+    np.testing.assert_allclose(z, want, rtol=1e-4, atol=1e-5)
+    for bad, source in ((0.0, True), (1.5, True), (0.5, False)):
+        with pytest.raises(ValueError, match="strength must be in"):
+            sampling.make_sampler(cfg, steps, with_source=source, strength=bad)
+
+
 def test_source_sampler_equals_reference_and_uses_the_source(source_sampler, cfg, params, inputs, relerr):
     text, uncond, noise = inputs
     src = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (B, H, W, 3)), jnp.float32)
@@ -274,6 +297,12 @@ def test_pipeline_runs_all_four_tasks(pipe):
     assert edit.shape == (1, H, W, 3)
     edit2 = pipe.edit(gen[2], "make it blue", steps=2, cfg=3.0)
     assert np.abs(edit.astype(float) - edit2).mean() > 0.5  # different sources, different outputs
+    # strength: near 0 the output is mostly the source, so the noise seed barely matters.
+    spread = {}
+    for strength in (1.0, 0.1):
+        a, b = (pipe.edit(gen[0], "make it blue", steps=2, cfg=3.0, seed=k, strength=strength) for k in (0, 1))
+        spread[strength] = np.abs(a.astype(float) - b).mean()
+    assert spread[0.1] < 0.5 * spread[1.0], spread  # (random weights: 0.27x measured; ignored strength: 1x)
     mask = np.zeros((H, W), bool)
     mask[4:12, 8:16] = True
     assert pipe.inpaint(gen[0], mask, "fill it", steps=2, cfg=3.0).shape == (1, H, W, 3)
@@ -351,6 +380,8 @@ def test_sample_script_low_memory_gives_the_same_pngs(sample_main, run_dir, tmp_
         (["--steps", "0"], "steps must be"),
         (["--cfg", "-1"], "must be >= 0"),
         (["--vae-tile", "-2"], "--vae-tile must be >= 0"),
+        (["--strength", "0.5"], "needs a source image"),
+        (["--task", "edit", "--source", "{images}/src.png", "--strength", "1.5"], "strength must be in (0, 1]"),
     ],
 )
 def test_sample_script_bad_input_is_one_line_and_writes_nothing(sample_main, run_dir, tmp_path, capsys, args, message):

@@ -69,7 +69,7 @@ def _vae_roundtrip(pipe, num: int, split: str) -> dict[str, Any]:
 
 
 def _recolour_edits(
-    pipe, num: int, steps: int, cfg: float, seed: int, split: str, sampler: str | None = None
+    pipe, num: int, steps: int, cfg: float, seed: int, split: str, sampler: str | None = None, strength: float = 1.0
 ) -> dict[str, Any]:
     size = int(pipe.config.image_size)
     records, i = [], 0
@@ -83,7 +83,7 @@ def _recolour_edits(
         chunk = records[j : j + 32]
         sources = np.stack([r["source"] for r in chunk])
         texts = [str(r["text"]) for r in chunk]
-        edited = pipe.edit(sources, texts, steps=steps, cfg=cfg, seed=seed + j, sampler=sampler)
+        edited = pipe.edit(sources, texts, steps=steps, cfg=cfg, seed=seed + j, sampler=sampler, strength=strength)
         for r, out in zip(chunk, edited, strict=True):
             results.append(shapes_eval.evaluate_edit(r["source"], out, scene_from_json(str(r["scene"])), r["mask"]))
     return {

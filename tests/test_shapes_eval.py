@@ -133,7 +133,12 @@ def test_cli_ground_truth_and_images(tmp_path, capsys):
 
 def test_cli_bad_input_one_line_exit_2(tmp_path):
     (tmp_path / "0.png").write_bytes(b"not a png")
-    cases = [["--images", str(tmp_path / "missing")], ["--images", str(tmp_path)], ["--num", "0"]]
+    cases = [
+        ["--images", str(tmp_path / "missing")],
+        ["--images", str(tmp_path)],
+        ["--num", "0"],
+        ["--workdir", str(tmp_path), "--edit-strength", "0"],  # refused before the run is read
+    ]
     for args in cases:
         p = subprocess.run(
             [sys.executable, "-m", "microforge_jax.eval", *args], cwd=ROOT, capture_output=True, text=True

@@ -47,6 +47,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cfg", type=float, default=4.0, help="guidance scale (--workdir)")
     p.add_argument("--edits", type=int, default=64, help="recolour edits to score (--workdir; 0: none)")
     p.add_argument(
+        "--edit-strength", type=float, default=1.0, help="the edits' strength in (0, 1] (--workdir; 1: from noise)"
+    )
+    p.add_argument(
         "--sampler", choices=("euler", "consistency"), default=None,
         help="step rule (--workdir); default: consistency at <= 4 steps for a consistency-distilled run, else euler",
     )  # fmt: skip
@@ -104,10 +107,13 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
         if args.steps < 1:
             raise InputError(f"--steps must be at least 1, got {args.steps}")
+        if not 0.0 < args.edit_strength <= 1.0:
+            raise InputError(f"--edit-strength must be in (0, 1], got {args.edit_strength}")
         # With --out the report goes there (eval.json and the grid are left as they are).
         result = model_eval.evaluate_run(
             args.workdir, num=200 if args.num is None else args.num, steps=args.steps, cfg=args.cfg,
             seed=args.seed, edits=args.edits, split=args.split, sampler=args.sampler, write=args.out is None,
+            edit_strength=args.edit_strength,
         )  # fmt: skip
         print(model_eval.format_result(result))
         target = args.workdir / "eval.json" if args.out is None else args.out

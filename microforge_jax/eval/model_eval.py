@@ -109,11 +109,13 @@ def evaluate_run(
     batch: int = 32,
     write: bool = True,
     sampler: str | None = None,
+    edit_strength: float = 1.0,
 ) -> dict[str, Any]:
     """Evaluates a run (see the module docstring); writes `<workdir>/eval.json` and a sample grid.
 
     `sampler` ("euler" or "consistency") picks the step rule; None: the pipeline's default (the
     consistency sampler at <= 4 steps for a consistency-distilled run, Euler otherwise).
+    `edit_strength`: the edits' `strength` (1: from pure noise; below 1 from the noised source).
 
     Returns:
       {"generation": report, "vae_psnr_db": float, "vae_readback": report of the reconstructions,
@@ -125,7 +127,10 @@ def evaluate_run(
     workdir = Path(workdir)
     pipe = MicroForgePipeline.from_run(workdir)
     gen = _generation(pipe, num, steps, cfg, seed, split, batch, sampler)
-    settings = {"num": num, "steps": steps, "cfg": cfg, "seed": seed, "split": split, "edits": edits}
+    settings = {
+        "num": num, "steps": steps, "cfg": cfg, "seed": seed, "split": split, "edits": edits,
+        "edit_strength": edit_strength,
+    }  # fmt: skip
     result: dict[str, Any] = {
         "settings": {**settings, "sampler": pipe.resolve_sampler(sampler, steps)},
         "generation": gen["report"],
@@ -134,7 +139,9 @@ def evaluate_run(
     result["vae_psnr_db"] = vae["psnr_db"]
     result["vae_readback"] = vae["readback"]
     has_edit = (workdir / "checkpoints" / "edit").is_dir()
-    result["edit"] = _recolour_edits(pipe, edits, steps, cfg, seed, split, sampler) if has_edit and edits else None
+    result["edit"] = (
+        _recolour_edits(pipe, edits, steps, cfg, seed, split, sampler, edit_strength) if has_edit and edits else None
+    )
     result["seconds"] = time.perf_counter() - t0
     if write:
         (workdir / "eval.json").write_text(json.dumps(result, indent=2))
@@ -165,7 +172,7 @@ def format_result(result: dict[str, Any]) -> str:
     e = result.get("edit")
     if e:
         lines.append(
-            f"Recolour edits ({e['num']}): success {100 * e['success']:.1f}% "
+            f"Recolour edits ({e['num']}, strength {s.get('edit_strength', 1.0):g}): success {100 * e['success']:.1f}% "
             f"(target read back {100 * e['target_read_back']:.1f}%, rest preserved {100 * e['preserved']:.1f}%, "
             f"PSNR outside {e['psnr_outside_db']:.1f} dB)"
         )

@@ -51,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Editing: a zero-initialised linear path from source token (i, j) to target token (i, j), beside
     # the width concatenation (copying no longer has to cross w tokens)
     b.source_skip = False
+    # Initial value of the per-block cross-attention gates (0: shut at init, as DiT's zero-init
+    # residual gates; 1: open, as PixArt's ungated cross-attention). Only the initialisation.
+    b.cross_gate_init = 0.0
     # Ablations from the seed (section 10).
     b.use_planner = True  # A1: False removes the Recurrent Latent Planner
     b.mixer = "bissm"  # A2: "attention" replaces the BiSSM by full self-attention

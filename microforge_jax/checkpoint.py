@@ -68,6 +68,7 @@ ADDED_KEYS: dict[str, Any] = {
     "model.backbone.patch_size": 1,
     "model.backbone.source_positions": "grid",
     "model.backbone.source_skip": False,
+    "model.backbone.cross_gate_init": 0.0,
 }
 
 

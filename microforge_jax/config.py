@@ -185,6 +185,10 @@ class BackboneConfig:
     # Editing: also add a zero-initialised projection of source token (i, j) to target token (i, j)
     # (a channel-concatenation path beside the width concatenation); False in runs saved before.
     source_skip: bool = False
+    # Initial value of each block's cross-attention gate (a per-channel scale on the text/plan
+    # cross-attention's residual). 0 (DiT-style zero init; runs saved before the key existed)
+    # keeps the text path shut at init; 1 opens it, as PixArt's ungated cross-attention.
+    cross_gate_init: float = 0.0
 
     @property
     def num_heads(self) -> int:

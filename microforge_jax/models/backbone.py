@@ -99,7 +99,8 @@ class HybridBlock(nn.Module):
         h = layers.Attention(cfg.num_heads, cfg.head_dim, kv_heads=1, name="cross_attn", **kw)(
             h, context_BxSxD, context_mask_BxS
         )
-        cross_gate = layers.param(self, "cross_gate", layers.zeros, (d,), (axes.EMBED,), self.param_dtype)
+        gate_init = nn.initializers.constant(cfg.cross_gate_init)
+        cross_gate = layers.param(self, "cross_gate", gate_init, (d,), (axes.EMBED,), self.param_dtype)
         x = x + cross_gate.astype(h.dtype) * h
 
         h = modulate(_ln("norm3", **kw)(x), shift2, scale2)

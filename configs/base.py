@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Initial value of the per-block cross-attention gates (0: shut at init, as DiT's zero-init
     # residual gates; 1: open, as PixArt's ungated cross-attention). Only the initialisation.
     b.cross_gate_init = 0.0
+    b.shared_gate_init = 0.0  # the same for the shared self-attention block's gate
     # Ablations from the seed (section 10).
     b.use_planner = True  # A1: False removes the Recurrent Latent Planner
     b.mixer = "bissm"  # A2: "attention" replaces the BiSSM by full self-attention

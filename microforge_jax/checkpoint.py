@@ -69,6 +69,7 @@ ADDED_KEYS: dict[str, Any] = {
     "model.backbone.source_positions": "grid",
     "model.backbone.source_skip": False,
     "model.backbone.cross_gate_init": 0.0,
+    "model.backbone.shared_gate_init": 0.0,
 }
 
 

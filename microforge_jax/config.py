@@ -189,6 +189,8 @@ class BackboneConfig:
     # cross-attention's residual). 0 (DiT-style zero init; runs saved before the key existed)
     # keeps the text path shut at init; 1 opens it, as PixArt's ungated cross-attention.
     cross_gate_init: float = 0.0
+    # The same for the shared self-attention block's gate (0 in runs saved before the key existed).
+    shared_gate_init: float = 0.0
 
     @property
     def num_heads(self) -> int:

@@ -270,21 +270,23 @@ def test_source_skip_adds_one_zero_initialised_parameter_and_leaves_the_rest_unc
     assert float(jnp.abs(v_a - v_b).max()) > 1e-3
 
 
-def test_cross_gate_init_sets_the_gates_and_nothing_else(model_and_params):
-    """`model.backbone.cross_gate_init` changes the cross-attention gates' initial value only."""
+def test_gate_inits_set_the_gates_and_nothing_else(model_and_params):
+    """`model.backbone.cross_gate_init` / `shared_gate_init` change those gates' initial values only."""
     cfg, _, p0, _, _ = model_and_params
-    model = build_denoiser(_cfg("model.backbone.cross_gate_init=0.5"))
+    model = build_denoiser(_cfg("model.backbone.cross_gate_init=0.5", "model.backbone.shared_gate_init=0.25"))
     z, t, text = _inputs(cfg)
     p1 = nn.unbox(jax.jit(lambda: model.init(jax.random.key(0), z, t, text))())
     flat0 = dict(jax.tree_util.tree_flatten_with_path(nn.unbox(p0))[0])
     flat1 = jax.tree_util.tree_flatten_with_path(p1)[0]
     assert flat0.keys() == dict(flat1).keys()
-    gates = 0
+    gates = {0.5: 0, 0.25: 0}
     for path, leaf in flat1:
-        if "cross_gate" in jax.tree_util.keystr(path):
-            gates += 1
-            np.testing.assert_array_equal(np.asarray(leaf), np.full(leaf.shape, 0.5, np.float32))
+        name = jax.tree_util.keystr(path)
+        value = 0.5 if "cross_gate" in name else 0.25 if "shared_mqa" in name and name.endswith("['gate']") else None
+        if value is not None:
+            gates[value] += 1
+            np.testing.assert_array_equal(np.asarray(leaf), np.full(leaf.shape, value, np.float32))
             assert not np.any(np.asarray(flat0[path]))  # the default: shut
         else:
             np.testing.assert_array_equal(np.asarray(leaf), np.asarray(flat0[path]))
-    assert gates == cfg.backbone.depth
+    assert gates == {0.5: cfg.backbone.depth, 0.25: 1}

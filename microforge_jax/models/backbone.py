@@ -58,7 +58,8 @@ class SharedMQA(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = _ln("norm", affine=True, **kw)(x_BxLxD)
         h = layers.Attention(self.cfg.num_heads, self.cfg.head_dim, kv_heads=1, name="attn", **kw)(h)
-        gate = layers.param(self, "gate", layers.zeros, (x_BxLxD.shape[-1],), (axes.EMBED,), self.param_dtype)
+        gate_init = nn.initializers.constant(self.cfg.shared_gate_init)
+        gate = layers.param(self, "gate", gate_init, (x_BxLxD.shape[-1],), (axes.EMBED,), self.param_dtype)
         return x_BxLxD + gate.astype(h.dtype) * h
 
 

@@ -85,7 +85,9 @@ def test_fresh_model_predicts_zero_velocity(model_and_params):
 
 
 def test_every_block_is_the_identity_at_init():
-    cfg = _cfg()
+    """With the gates initialised shut (the base default, DiT-style) every block starts as the identity;
+    nano opens the cross-attention gates (`cross_gate_init=1`), so there the text reaches the tokens."""
+    cfg = _cfg("model.backbone.cross_gate_init=0")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 16, cfg.backbone.dim)), jnp.float32)
     mod = jnp.asarray(rng.standard_normal((2, backbone_lib.NUM_MOD, cfg.backbone.dim)), jnp.float32) * 0
@@ -98,6 +100,10 @@ def test_every_block_is_the_identity_at_init():
         np.testing.assert_array_equal(block.apply(params, x, mod, ctx, mask, (4, 4)), x)
     shared = backbone_lib.SharedMQA(cfg.backbone)
     np.testing.assert_array_equal(shared.apply(shared.init(jax.random.key(0), x), x), x)
+    open_cfg = dataclasses.replace(cfg.backbone, cross_gate_init=1.0)
+    block = backbone_lib.HybridBlock(open_cfg, layer_index=1)
+    params = block.init(jax.random.key(0), x, mod, ctx, mask, (4, 4))
+    assert float(jnp.abs(block.apply(params, x, mod, ctx, mask, (4, 4)) - x).max()) > 1e-3
 
 
 def test_output_has_spread_and_follows_every_condition(model_and_params):
@@ -286,7 +292,8 @@ def test_gate_inits_set_the_gates_and_nothing_else(model_and_params):
         if value is not None:
             gates[value] += 1
             np.testing.assert_array_equal(np.asarray(leaf), np.full(leaf.shape, value, np.float32))
-            assert not np.any(np.asarray(flat0[path]))  # the default: shut
+            default = cfg.backbone.cross_gate_init if value == 0.5 else cfg.backbone.shared_gate_init
+            np.testing.assert_array_equal(np.asarray(flat0[path]), np.full(leaf.shape, default, np.float32))
         else:
             np.testing.assert_array_equal(np.asarray(leaf), np.asarray(flat0[path]))
     assert gates == {0.5: cfg.backbone.depth, 0.25: 1}

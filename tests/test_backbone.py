@@ -268,7 +268,9 @@ def test_source_skip_adds_one_zero_initialised_parameter_and_leaves_the_rest_unc
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # With a non-zero skip (and no zero gates: every branch contributes) the source reaches the target.
     params = redraw(p1, seed=2)
-    apply = jax.jit(lambda p, src: model.apply(p, z, t, text, task_B=jnp.full((2,), task_id("edit")), source_BxhxwxC=src)[0])
+    apply = jax.jit(
+        lambda p, src: model.apply(p, z, t, text, task_B=jnp.full((2,), task_id("edit")), source_BxhxwxC=src)[0]
+    )
     src = _inputs(cfg, seed=3)[0]
     v_a = apply(params, src)
     params["params"]["backbone"]["source_skip"]["kernel"] = jnp.zeros_like(w)

@@ -83,7 +83,9 @@ def test_weighted_flow_loss_hand_computed():
     w = jnp.array([[[1.0, 3.0]], [[2.0, 2.0]]])
     # example 0: (1 * 1 + 3 * 9) / 4 = 7; example 1: 4 -> mean 5.5
     np.testing.assert_allclose(flow.flow_loss(v_pred, v_true, t, w), 5.5)
-    np.testing.assert_allclose(flow.flow_loss(v_pred, v_true, t, jnp.ones((2, 1, 2))), flow.flow_loss(v_pred, v_true, t))
+    np.testing.assert_allclose(
+        flow.flow_loss(v_pred, v_true, t, jnp.ones((2, 1, 2))), flow.flow_loss(v_pred, v_true, t)
+    )
 
 
 def test_cell_weight_map_follows_the_3x3_grid():

@@ -125,7 +125,9 @@ def test_a_vae_checkpoint_without_config_json_gets_its_latent_stats_measured(fin
     train_lib.train_and_evaluate(_config("stages=('flow',)", steps=0), workdir)
     got, want = checkpoint.read_run_config(workdir).model.vae, checkpoint.read_run_config(source).model.vae
     assert got.scaling_factor != 1.0 and got.shift_factor != 0.0
-    np.testing.assert_allclose([got.scaling_factor, got.shift_factor], [want.scaling_factor, want.shift_factor], rtol=1e-5)
+    np.testing.assert_allclose(
+        [got.scaling_factor, got.shift_factor], [want.scaling_factor, want.shift_factor], rtol=1e-5
+    )
 
 
 def test_load_run_returns_ema_params_for_inference(finished_run):

@@ -181,7 +181,9 @@ class Backbone(nn.Module):
         x = patch(pixel_unshuffle(z_BxhxwxC.astype(self.dtype), p)) + segment[0].astype(self.dtype)
         skip = None
         if cfg.source_skip:  # a submodule: its name, not a counter, seeds it, so no other init moves
-            skip = layers.dense(d, (None, axes.EMBED), kernel_init=layers.zeros, use_bias=False, name="source_skip", **kw)
+            skip = layers.dense(
+                d, (None, axes.EMBED), kernel_init=layers.zeros, use_bias=False, name="source_skip", **kw
+            )
         if source_BxhxwxC is not None:
             src_cells = pixel_unshuffle(source_BxhxwxC.astype(self.dtype), p)
             if skip is not None:

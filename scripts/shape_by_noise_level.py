@@ -18,7 +18,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -33,17 +32,12 @@ from microforge_jax.pipeline import MicroForgePipeline  # noqa: E402
 COLUMNS = ("colour", "shape", "size", "position", "count", "single_colour_shape")
 
 
-def _variables(tree):
-    """`{"params": tree}` unless the tree already is a variables dict (as the sampler does)."""
-    tree = nn.unbox(tree)
-    return tree if isinstance(tree, dict) and set(tree) == {"params"} else {"params": tree}
-
-
 def make_run(pipe: MicroForgePipeline, text, uncond, steps: int, cfg: float):
     """jit(x_BxHxWx3 in [-1, 1], noise, t0) -> decoded images after `steps` guided Euler steps from t0."""
     mc = pipe.model_cfg
     den, vae = build_denoiser(mc), build_vae(mc)
-    dvars, vvars = _variables(pipe.params["denoiser"]), _variables(pipe.params["vae"])
+    # The sampler's own unboxing (load_run gives bare trees or variables dicts).
+    dvars, vvars = sampling._variables(pipe.params["denoiser"]), sampling._variables(pipe.params["vae"])
     text_n = sampling.stack_guidance(text, uncond)
 
     @jax.jit

@@ -330,6 +330,11 @@ def load_hf_text_model(
 # ----------------------------------------------------------------------------- the encoder
 
 
+# Pretrained encoders run each prompt at its token count rounded up to this (`TextEncoder.encode`):
+# at most max_length / 8 compiled widths per batch bucket.
+TRIM_MULTIPLE = 8
+
+
 def _bucket(n: int) -> int:
     """Batch sizes are padded to a power of two so `encode` compiles O(log B) times, not once per size."""
     return 1 if n <= 1 else 2 ** math.ceil(math.log2(n))
@@ -442,6 +447,26 @@ class TextEncoder:
             TextEmbeddings with B = len(prompts), M = max_length, D = embed_dim.
         """
         ids, mask = self.tokenize(prompts)
+        n, m = ids.shape
+        width = np.minimum(-(-mask.sum(axis=1) // TRIM_MULTIPLE) * TRIM_MULTIPLE, m)
+        if self.trainable or n == 0 or (width == m).all():
+            return self._encode_rows(ids, mask)
+        # A pretrained encoder's attention is masked, so a prompt's states do not depend on the padding
+        # after it: each prompt is encoded at its own length rounded up to TRIM_MULTIPLE tokens, grouped
+        # by that width, and its states are padded back to max_length with zeros (what `finish` puts
+        # there anyway). A batch then costs the tokens it has, not n x max_length (CLIP's 77 for a
+        # 15-token caption); equal to the full-width encode up to fp32 rounding.
+        groups = [(w, np.flatnonzero(width == w)) for w in np.unique(width)]
+        outs = jax.device_get([self._encode_rows(ids[rows, :w], mask[rows, :w]) for w, rows in groups])
+        tokens = np.zeros((n, m, self.embed_dim), outs[0].tokens_BxMxD.dtype)
+        pooled = np.zeros((n, self.embed_dim), outs[0].pooled_BxD.dtype)
+        for (w, rows), out in zip(groups, outs, strict=True):
+            tokens[rows, :w] = out.tokens_BxMxD
+            pooled[rows] = out.pooled_BxD
+        return TextEmbeddings(jnp.asarray(tokens), jnp.asarray(mask, bool), jnp.asarray(pooled))
+
+    def _encode_rows(self, ids: np.ndarray, mask: np.ndarray) -> TextEmbeddings:
+        """The jitted encode of token rows at their given width; the batch is padded to a power of two."""
         n = ids.shape[0]
         pad = _bucket(n) - n
         if pad:  # padding rows reuse row 0 (or BOS/EOS-free zeros); they are sliced away

@@ -116,6 +116,11 @@ def test_clip_parity_hidden_and_pooled(clip_folder, relerr):
     assert err_h <= 1e-5 and err_p <= 1e-5
     # The pooled row really is the end-of-text state, not the last or the max-id position by accident.
     np.testing.assert_array_equal(np.asarray(pooled[1]), np.asarray(hidden[1, 8]))
+    # What TextEncoder.encode relies on: prompts cut to their own length (rows 2, 3 -> 8 tokens) give
+    # the same states and the same end-of-text pooling.
+    h8, p8 = _run_ours(folder, ids[2:, :8], mask[2:, :8])
+    assert relerr(h8 * mask[2:, :8, None], np.asarray(hidden)[2:, :8] * mask[2:, :8, None]) <= 1e-6
+    assert relerr(p8, pooled[2:]) <= 1e-6
 
 
 def test_full_clip_model_folder_loads_text_tower(tmp_path, relerr):
@@ -226,6 +231,23 @@ def test_empty_prompt_is_deterministic(minilm, relerr):
     assert minilm.encode([]).tokens_BxMxD.shape == (0, 32, 384)
     assert relerr(b.tokens_BxMxD[1], a.tokens_BxMxD[0]) <= 1e-5
     assert relerr(b.pooled_BxD[1], a.pooled_BxD[0]) <= 1e-5
+
+
+def test_encode_trims_each_prompt_to_its_length(minilm, relerr, monkeypatch):
+    """encode groups prompts by their token count (rounded up to 8): the same states as the full-width encode."""
+    prompts = ["", "a red circle", "a large green triangle in the center and a small blue square on the left", "a dog"]
+    ids, mask = minilm.tokenize(prompts)
+    full = minilm._encode_rows(ids, mask)  # the reference: every prompt padded to max_length (32)
+    widths = []
+    jitted = minilm._encode_jit
+    monkeypatch.setattr(minilm, "_encode_jit", lambda p, i, m: widths.append(i.shape[1]) or jitted(p, i, m))
+    ours = minilm.encode(prompts)
+    assert sorted(set(widths)) == [8, 24], widths  # 2-5 tokens -> 8; the long caption's 20 -> 24; never 32
+    assert ours.tokens_BxMxD.shape == (4, 32, 384)
+    np.testing.assert_array_equal(np.asarray(ours.mask_BxM), mask)
+    assert float(jnp.abs(jnp.where(ours.mask_BxM[..., None], 0.0, ours.tokens_BxMxD)).max()) == 0.0
+    assert relerr(ours.tokens_BxMxD, full.tokens_BxMxD) <= 1e-6
+    assert relerr(ours.pooled_BxD, full.pooled_BxD) <= 1e-6
 
 
 def test_long_prompt_truncated_with_one_warning(minilm):

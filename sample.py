@@ -2,6 +2,7 @@
 
     python sample.py --workdir runs/nano --prompt "a red circle" --num 4 --steps 20 --cfg 4
     python sample.py --task edit --source in.png --prompt "make the circle blue"
+    python sample.py --source in.png --strength 0.6 --prompt "a red star"   # img2img: start from in.png, noised
     python sample.py --task edit --source in.png --prompt "make the circle blue" --strength 0.7  # keep more of it
     python sample.py --task inpaint --source in.png --mask hole.png --prompt "a red circle at the top"
     python sample.py --task sr --source low.png --size 64x64 --prompt "a red circle"
@@ -35,14 +36,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--size", default=None, help="HxW in pixels (default: the run's image_size)")
     p.add_argument("--shift", type=float, default=None, help="time-grid shift (default: the run's training shift)")
     p.add_argument("--task", default="generate", choices=TASKS, help="what to do")
-    p.add_argument("--source", default=None, help="source image (edit, inpaint) or low-res image (sr)")
+    p.add_argument(
+        "--source",
+        default=None,
+        help="source image (edit, inpaint), low-res image (sr), or (generate, with --strength < 1) the image to start from",
+    )
     p.add_argument("--mask", default=None, help="inpaint mask image, the source's size (white = hole)")
     p.add_argument(
         "--strength",
         type=float,
         default=1.0,
-        help="edit / inpaint / sr: how much of the source to re-draw, in (0, 1]; below 1 sampling starts "
-        "from the source noised to that level (SDEdit; diffusers' img2img strength), 1 from pure noise",
+        help="how much of the source to re-draw, in (0, 1]; below 1 sampling starts from the source noised "
+        "to that level (SDEdit; diffusers' img2img strength), 1 from pure noise (generate: below 1, with --source)",
     )
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument(

@@ -63,12 +63,22 @@ def check_settings(steps: int, cfg: float, num: int = 1) -> None:
         raise SampleError(f"num (images per prompt) must be a positive integer, got {num}")
 
 
-def check_strength(strength: float, task: str) -> None:
-    """Raises SampleError unless `strength` is in (0, 1], and 1 for the text-to-image task."""
+def check_strength(strength: float, task: str, has_source: bool = False) -> None:
+    """Raises SampleError unless `strength` is in (0, 1]; below 1 it needs a source image (for the
+    text-to-image task, the image it starts from: img2img), and an image to start from needs it below 1."""
     if not (math.isfinite(strength) and 0.0 < strength <= 1.0):
         raise SampleError(f"the strength must be in (0, 1] (1: start from pure noise), got {strength}")
-    if strength < 1.0 and task not in sampling.SOURCE_TASKS:
-        raise SampleError(f"a strength below 1 needs a source image (--task edit, inpaint or sr), not --task {task}")
+    if task in sampling.SOURCE_TASKS:
+        return
+    if strength < 1.0 and not has_source:
+        raise SampleError(
+            f"a strength below 1 needs a source image (--task edit, inpaint or sr; or --task {task} --source IMG "
+            "to start from an image)"
+        )
+    if has_source and strength >= 1.0:
+        raise SampleError(
+            f"--task {task} with a source image starts from it noised to --strength: give a strength below 1"
+        )
 
 
 class MicroForgePipeline:
@@ -154,8 +164,10 @@ class MicroForgePipeline:
         num: int = 1,
         shift: float | None = None,
         sampler: str | None = None,
+        init_image: Any = None,
+        strength: float = 1.0,
     ) -> np.ndarray:
-        """Text to image.
+        """Text to image; with `init_image`, image to image (SDEdit, diffusers' img2img).
 
         Args:
           prompts: the prompts.
@@ -167,12 +179,23 @@ class MicroForgePipeline:
           shift: time-grid shift; default the run's training `time_shift` for the task's stage.
           sampler: "euler" or "consistency" (denoise to x0, re-noise with fresh noise from `seed`);
             None: consistency for a consistency-distilled run at steps <= 4, else Euler.
+          init_image: uint8 (H, W, 3), or one per prompt: start from this image's latent noised to
+            t = `strength` (z = strength * noise + (1 - strength) * latent) and take `steps` steps
+            of the time grid scaled by `strength`; the model sees only the text (unlike `edit`).
+            The output has its size.
+          strength: in (0, 1); only with `init_image`.
 
         Returns:
           uint8 (len(prompts) * num, H, W, 3), prompt-major.
         """
+        init = None if init_image is None else _as_images(init_image, "the initial image")
+        if init is not None:
+            if size is not None and tuple(size) != init.shape[1:3]:
+                raise SampleError(f"the initial image is {init.shape[1]}x{init.shape[2]}: drop size or match it")
+            size = init.shape[1:3]
+        check_strength(strength, "generate", init is not None)
         size = size or (int(self.config.get("image_size", 64)),) * 2
-        return self._sample("generate", prompts, None, steps, cfg, seed, size, num, shift, sampler)
+        return self._sample("generate", prompts, init, steps, cfg, seed, size, num, shift, sampler, strength)
 
     def edit(self, source_image: Any, prompts: str | Sequence[str], **kw: Any) -> np.ndarray:
         """Edits `source_image` (uint8 (H, W, 3) or one per prompt) by an instruction; output at its size.
@@ -262,7 +285,7 @@ class MicroForgePipeline:
         if not prompts:
             raise SampleError("give at least one prompt")
         check_settings(steps, cfg, num)
-        check_strength(strength, task)
+        check_strength(strength, task, source is not None)
         sampler = self.resolve_sampler(sampler, steps)
         step_fn, stochastic = sampling.step_rule(sampler)
         size = (int(size[0]), int(size[1]))
@@ -292,7 +315,19 @@ class MicroForgePipeline:
         if stochastic:  # the per-step noise: from the seed, apart from the initial noise's stream
             args += [None, jnp.int32(0)] if source is None else []
             args.append(jax.random.fold_in(jax.random.key(seed), 1))
-        key = (source is not None, steps, guided, shift, b, size, text.tokens.shape, sampler, float(strength))
+        condition = task in sampling.SOURCE_TASKS  # generate with a source: img2img, the source only starts it
+        key = (
+            source is not None,
+            condition,
+            steps,
+            guided,
+            shift,
+            b,
+            size,
+            text.tokens.shape,
+            sampler,
+            float(strength),
+        )
         t0 = time.perf_counter()
         if key not in self._compiled:
             fn = sampling.make_sampler(
@@ -307,6 +342,7 @@ class MicroForgePipeline:
                 vae_tile=int(self.config.get("sample_vae_tile", 0)),
                 low_memory=bool(self.config.get("sample_low_memory", False)),
                 strength=float(strength),
+                condition_on_source=condition,
             )
             self._compiled[key] = fn.lower(*args).compile()
         t1 = time.perf_counter()
@@ -402,9 +438,9 @@ def sample_to_folder(
         raise SampleError(f"unknown sampler {sampler!r}; samplers are {', '.join(sampling.SAMPLERS)}")
     if task not in sampling.TASKS:
         raise SampleError(f"unknown task {task!r}; tasks are {', '.join(sampling.TASKS)}")
-    check_strength(strength, task)
-    if (source is not None) != (task in sampling.SOURCE_TASKS):
-        raise SampleError(f"--source is {'required' if source is None else 'not used'} with --task {task}")
+    check_strength(strength, task, source is not None)
+    if source is None and task in sampling.SOURCE_TASKS:  # generate takes one too: the image it starts from
+        raise SampleError(f"--source is required with --task {task}")
     if (mask is not None) != (task == "inpaint"):
         raise SampleError(f"--mask is {'required' if mask is None else 'only used'} with --task inpaint")
     size_hw = parse_size(size) if size is not None else None
@@ -415,7 +451,7 @@ def sample_to_folder(
             f"the mask {mask} is {mask_img.shape[0]}x{mask_img.shape[1]} but the source image is "
             f"{src_img.shape[0]}x{src_img.shape[1]}; they must match"
         )
-    if task in ("edit", "inpaint") and size_hw is not None and size_hw != src_img.shape[:2]:
+    if src_img is not None and task != "sr" and size_hw is not None and size_hw != src_img.shape[:2]:
         raise SampleError(f"--task {task} keeps the source's size ({src_img.shape[0]}x{src_img.shape[1]}); drop --size")
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
@@ -426,11 +462,9 @@ def sample_to_folder(
         pipe.config.sample_vae_tile = vae_tile
     if low_memory is not None:
         pipe.config.sample_low_memory = bool(low_memory)
-    kw = dict(steps=steps, cfg=cfg, seed=seed, num=num, shift=shift, sampler=sampler)
-    if task != "generate":
-        kw["strength"] = strength  # the source tasks' own setting
+    kw = dict(steps=steps, cfg=cfg, seed=seed, num=num, shift=shift, sampler=sampler, strength=strength)
     if task == "generate":
-        images = pipe.generate(prompts, size=size_hw, **kw)
+        images = pipe.generate(prompts, size=size_hw, init_image=src_img, **kw)
     elif task == "edit":
         images = pipe.edit(src_img, prompts, **kw)
     elif task == "inpaint":

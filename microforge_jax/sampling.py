@@ -173,6 +173,7 @@ def make_sampler(
     vae_tile_overlap: int = 2,
     low_memory: bool = False,
     strength: float = 1.0,
+    condition_on_source: bool = True,
 ) -> Callable[..., Samples]:
     """Builds one jitted sampling function (noise -> images) for a model config.
 
@@ -199,6 +200,9 @@ def make_sampler(
         sampling starts at t = strength from z = strength * noise + (1 - strength) * source latent
         and takes `steps` steps down to 0 (the time grid scaled by `strength`); 1 starts from pure
         noise (the default). In (0, 1]; below 1 only with `with_source`.
+      condition_on_source: with a source, the denoiser also sees it (the edit / inpaint / sr layout);
+        False: the source only sets the start (img2img on the generate task: the image noised to
+        `strength`, then text-to-image steps), which needs strength < 1.
 
     Returns:
       `sample(params, text, uncond, noise_BxhxwxC, scale, source_BxHxWx3=None, task=0, key=None) -> Samples`
@@ -213,6 +217,8 @@ def make_sampler(
         raise ValueError(f"steps must be at least 1, got {steps}")
     if not 0.0 < strength <= 1.0 or (strength < 1.0 and not with_source):
         raise ValueError(f"strength must be in (0, 1], and below 1 only with a source; got {strength}")
+    if with_source and not condition_on_source and strength >= 1.0:
+        raise ValueError("a source that only sets the start (condition_on_source=False) needs strength < 1")
     denoiser = denoiser if denoiser is not None else build_denoiser(cfg)
     vae = vae if vae is not None else build_vae(cfg)
     ts = np.asarray(flow.time_grid(steps, shift), np.float32) * np.float32(strength)  # static: a constant
@@ -248,7 +254,8 @@ def make_sampler(
             source = constrain(normalize_latent(posterior.mode(), cfg.vae))
             if source.shape != noise_BxhxwxC.shape:
                 raise ValueError(f"source latent {tuple(source.shape)} != target latent {tuple(noise_BxhxwxC.shape)}")
-            source_N = jnp.concatenate([source, source]) if guidance else source  # both halves see the source
+            if condition_on_source:
+                source_N = jnp.concatenate([source, source]) if guidance else source  # both halves see it
 
         def denoise(z, t, prev, has_prev):
             z_N = jnp.concatenate([z, z]) if guidance else z

@@ -23,7 +23,7 @@ from microforge_jax.data.shapes import make_record
 from microforge_jax.models.denoiser import Text, build_denoiser, task_id
 from microforge_jax.models.text import TextEmbeddings
 from microforge_jax.models.vae import build_vae
-from microforge_jax.pipeline import MicroForgePipeline
+from microforge_jax.pipeline import MicroForgePipeline, SampleError
 from microforge_jax.sharding import make_mesh
 
 TINY = [
@@ -237,6 +237,43 @@ def test_strength_starts_from_the_noised_source_on_a_known_field(cfg, params):
             sampling.make_sampler(cfg, steps, with_source=source, strength=bad)
 
 
+class SourceField(nn.Module):
+    """A denoiser test double: v = a * z + b, plus c * the source latent when it is shown one."""
+
+    a: float
+    b: float
+    c: float
+
+    def __call__(self, z, t, text, *, source_BxhxwxC=None, **kw):
+        v = self.a * z + self.b
+        return (v if source_BxhxwxC is None else v + self.c * source_BxhxwxC), None
+
+
+def test_img2img_starts_from_the_source_without_showing_it(cfg, params):
+    """condition_on_source=False (generate from an image): the same start as SDEdit, but the
+    denoiser never sees the source; with it shown, the c * source term moves the result."""
+    a, b, c, steps, strength = 0.7, -0.3, 0.5, 2, 0.6
+    noise = sampling.initial_noise(5, B, (H // 4, W // 4), 4)
+    src = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (B, H, W, 3)), jnp.float32)
+    mode = build_vae(cfg).apply({"params": params["vae"]}, src, method="encode").mode()
+    src_lat = (np.asarray(mode, np.float64) - cfg.vae.shift_factor) * cfg.vae.scaling_factor
+    out = {}
+    for shown in (False, True):
+        s = sampling.make_sampler(
+            cfg, steps, guidance=False, decode=False, with_source=True, strength=strength,
+            condition_on_source=shown, denoiser=SourceField(a, b, c),
+        )  # fmt: skip
+        out[shown] = np.asarray(s(params, fake_text(0), None, noise, 1.0, src, 0).latent_BxhxwxC, np.float64)
+    want = strength * np.asarray(noise, np.float64) + (1 - strength) * src_lat
+    ts = strength * np.linspace(1, 0, steps + 1)
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        want = want - (t - t_next) * (a * want + b)
+    np.testing.assert_allclose(out[False], want, rtol=1e-4, atol=1e-5)
+    assert np.abs(out[True] - want).mean() > 1e-2
+    with pytest.raises(ValueError, match="needs strength < 1"):
+        sampling.make_sampler(cfg, steps, with_source=True, condition_on_source=False)
+
+
 def test_source_sampler_equals_reference_and_uses_the_source(source_sampler, cfg, params, inputs, relerr):
     text, uncond, noise = inputs
     src = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (B, H, W, 3)), jnp.float32)
@@ -303,6 +340,15 @@ def test_pipeline_runs_all_four_tasks(pipe):
         a, b = (pipe.edit(gen[0], "make it blue", steps=2, cfg=3.0, seed=k, strength=strength) for k in (0, 1))
         spread[strength] = np.abs(a.astype(float) - b).mean()
     assert spread[0.1] < 0.5 * spread[1.0], spread  # (random weights: 0.27x measured; ignored strength: 1x)
+    # generate from an image (img2img): at strength 0.1 the seed barely matters; from noise it does.
+    a, b = (pipe.generate(["a blue star"], steps=2, cfg=3.0, seed=k, init_image=gen[0], strength=0.1) for k in (0, 1))
+    assert a.shape == (1, H, W, 3) and np.abs(a.astype(float) - b).mean() < 0.5 * spread[1.0]
+    c = pipe.generate(["a blue star"], steps=2, cfg=3.0, seed=0, init_image=gen[2], strength=0.1)
+    assert np.abs(a.astype(float) - c).mean() > 2 * np.abs(a.astype(float) - b).mean()  # the image, not the seed
+    with pytest.raises(SampleError, match="needs a source image"):
+        pipe.generate(["a blue star"], steps=2, strength=0.5)
+    with pytest.raises(SampleError, match="give a strength below 1"):
+        pipe.generate(["a blue star"], steps=2, init_image=gen[0])
     mask = np.zeros((H, W), bool)
     mask[4:12, 8:16] = True
     assert pipe.inpaint(gen[0], mask, "fill it", steps=2, cfg=3.0).shape == (1, H, W, 3)
@@ -381,6 +427,7 @@ def test_sample_script_low_memory_gives_the_same_pngs(sample_main, run_dir, tmp_
         (["--cfg", "-1"], "must be >= 0"),
         (["--vae-tile", "-2"], "--vae-tile must be >= 0"),
         (["--strength", "0.5"], "needs a source image"),
+        (["--source", "{images}/src.png"], "give a strength below 1"),
         (["--task", "edit", "--source", "{images}/src.png", "--strength", "1.5"], "strength must be in (0, 1]"),
     ],
 )

@@ -38,7 +38,7 @@ eval_dir() {  # eval_dir WORKDIR TAG: ShapesEval of the run's latest flow checkp
 }
 
 watch_curve() {  # watch_curve WORKDIR TAG PID: evaluate each finished checkpoint of a training run
-  local w=$1 tag=$2 pid=$3 done_steps=" " s
+  local w=$1 tag=$2 pid=$3 done_steps=" " s evals=()
   while :; do
     local alive=0
     kill -0 "$pid" 2>/dev/null && alive=1
@@ -53,11 +53,13 @@ watch_curve() {  # watch_curve WORKDIR TAG PID: evaluate each finished checkpoin
       rm -rf "$e"; mkdir -p "$e/checkpoints/flow"
       cp "$w/config.json" "$e/"; cp -r "$w/checkpoints/vae" "$e/checkpoints/"; cp -r "$d" "$e/checkpoints/flow/$s"
       eval_dir "$e" "${tag}_at$s" &
+      evals+=($!)
     done
     [ "$alive" = 0 ] && break
     sleep 5
   done
-  wait
+  # Only the evals: a bare `wait` would also reap the training process, whose status train_one reads.
+  if [ "${#evals[@]}" -gt 0 ]; then wait "${evals[@]}"; fi
 }
 
 train_one() {  # train_one STEPS BATCH

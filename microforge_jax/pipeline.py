@@ -193,7 +193,6 @@ class MicroForgePipeline:
             if size is not None and tuple(size) != init.shape[1:3]:
                 raise SampleError(f"the initial image is {init.shape[1]}x{init.shape[2]}: drop size or match it")
             size = init.shape[1:3]
-        check_strength(strength, "generate", init is not None)
         size = size or (int(self.config.get("image_size", 64)),) * 2
         return self._sample("generate", prompts, init, steps, cfg, seed, size, num, shift, sampler, strength)
 

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from microforge_jax.data.shapes import caption_for, render_scene, scene_for_index  # noqa: E402
+from microforge_jax.data.shapes import render_scene  # noqa: E402
 from microforge_jax.eval import model_eval, shapes_eval  # noqa: E402
 from microforge_jax.pipeline import MicroForgePipeline, SampleError  # noqa: E402
 
@@ -50,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = int(pipe.config.get("image_size", 64))
-    scenes = [scene_for_index(i, "heldout") for i in range(args.num)]
-    captions = [
-        caption_for(s, model_eval.FULL_TEMPLATES[i % len(model_eval.FULL_TEMPLATES)]) for i, s in enumerate(scenes)
-    ]
+    scenes, captions = model_eval.eval_prompts(args.num, "heldout")
     images = np.stack([render_scene(s, size) for s in scenes])
     print("| t0 | " + " | ".join(COLUMNS) + " |")
     print("|---:|" + "---:|" * len(COLUMNS))

@@ -30,11 +30,16 @@ from microforge_jax.eval import shapes_eval
 FULL_TEMPLATES = (0, 1, 4, 5, 6)
 
 
+def eval_prompts(num: int, split: str) -> tuple[list[Any], list[str]]:
+    """The first `num` scenes of `split` and their captions, cycling through FULL_TEMPLATES."""
+    scenes = [scene_for_index(i, split) for i in range(num)]
+    return scenes, [caption_for(s, FULL_TEMPLATES[i % len(FULL_TEMPLATES)]) for i, s in enumerate(scenes)]
+
+
 def _generation(
     pipe, num: int, steps: int, cfg: float, seed: int, split: str, batch: int, sampler: str | None = None
 ) -> dict[str, Any]:
-    scenes = [scene_for_index(i, split) for i in range(num)]
-    captions = [caption_for(s, FULL_TEMPLATES[i % len(FULL_TEMPLATES)]) for i, s in enumerate(scenes)]
+    scenes, captions = eval_prompts(num, split)
     images = []
     for i in range(0, num, batch):
         images.append(pipe.generate(captions[i : i + batch], steps=steps, cfg=cfg, seed=seed + i, sampler=sampler))

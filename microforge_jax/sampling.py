@@ -36,7 +36,7 @@ import numpy as np
 from microforge_jax import flow
 from microforge_jax.config import ModelConfig, VAEConfig
 from microforge_jax.models.denoiser import TASKS, Text, build_denoiser, task_id
-from microforge_jax.models.vae import build_vae, decode_tiled
+from microforge_jax.models.vae import auto_slice_size, build_vae, decode_tiled, map_slices
 
 StepFn = Callable[..., jax.Array]  # (z, v, t, t_next) -> z_next, plus a PRNG key when stochastic
 SOURCE_TASKS = ("edit", "inpaint", "sr")
@@ -171,6 +171,7 @@ def make_sampler(
     batch_sharding: jax.sharding.NamedSharding | None = None,
     vae_tile: int = 0,
     vae_tile_overlap: int = 2,
+    vae_slice: int | None = None,
     low_memory: bool = False,
     strength: float = 1.0,
     condition_on_source: bool = True,
@@ -194,6 +195,10 @@ def make_sampler(
       vae_tile: decode in overlapping tiles of this many latent cells, blended linearly
         (`vae.decode_tiled`): lower peak memory, slightly different pixels; 0 decodes the whole latent.
       vae_tile_overlap: minimum overlap of neighbouring tiles in latent cells.
+      vae_slice: images per VAE call when encoding the source and decoding untiled (VAE slicing,
+        `vae_slicing`; the images equal the whole-batch call's up to float rounding); it must divide
+        the batch. None: `vae.auto_slice_size` (one image at a time at 256 px on one CPU device, the
+        whole batch on accelerators).
       low_memory: on a CPU backend, compile with `LOW_MEMORY_COMPILER_OPTIONS` (the same numbers, a
         lower peak, the same speed; see there); ignored on other backends.
       strength: with a source, how much of it to re-draw (diffusers' img2img `strength`, SDEdit):
@@ -226,6 +231,12 @@ def make_sampler(
     def constrain(x: jax.Array) -> jax.Array:
         return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
 
+    def slice_of(x: jax.Array, upscale: int = 1) -> int:
+        """Images per VAE call for the NHWC batch `x` (`upscale`: output pixels per input pixel)."""
+        if vae_slice is not None:
+            return vae_slice
+        return auto_slice_size(x.shape[0], x.shape[1] * x.shape[2] * upscale)
+
     def sample(
         params: dict[str, Any],
         text: Text,
@@ -250,7 +261,8 @@ def make_sampler(
         source_N = None
         if with_source:
             vvars = _variables(params["vae"])
-            posterior = vae.apply(vvars, source_BxHxWx3.astype(jnp.float32), method="encode")
+            src = source_BxHxWx3.astype(jnp.float32)
+            posterior = map_slices(lambda x: vae.apply(vvars, x, method="encode"), src, slice_of(src))
             source = constrain(normalize_latent(posterior.mode(), cfg.vae))
             if source.shape != noise_BxhxwxC.shape:
                 raise ValueError(f"source latent {tuple(source.shape)} != target latent {tuple(noise_BxhxwxC.shape)}")
@@ -298,7 +310,9 @@ def make_sampler(
             if vae_tile > 0:
                 images = decode_tiled(vae, vvars, z_vae, vae_tile, vae_tile_overlap)
             else:
-                images = vae.apply(vvars, z_vae, method="decode")
+                f = cfg.vae.downsample_factor
+                size = slice_of(z_vae, f * f)
+                images = map_slices(lambda z: vae.apply(vvars, z, method="decode"), z_vae, size)
             images = constrain(jnp.clip(images.astype(jnp.float32), -1.0, 1.0))
         return Samples(images, z, plans)
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from microforge_jax import flow, losses, optim
+from microforge_jax.models import vae as vae_lib
 from microforge_jax.models.denoiser import Denoiser, Text
 from microforge_jax.models.planner import plan_diversity_loss
 from microforge_jax.models.vae import DCVAE, DiagonalGaussian
@@ -200,8 +201,13 @@ def _normalised_latent(spec: FlowStep, posterior: DiagonalGaussian, rng: jax.Arr
 
 
 def encode_latents(spec: FlowStep, vae_params: Any, image: jax.Array, rng: jax.Array | None) -> jax.Array:
-    """Images in [-1, 1] -> normalised latents (z - shift) * scale; a posterior sample with `rng`."""
-    return _normalised_latent(spec, spec.vae.apply(vae_params, image, method=spec.vae.encode), rng)
+    """Images in [-1, 1] -> normalised latents (z - shift) * scale; a posterior sample with `rng`.
+
+    The frozen encoder runs in VAE slices (`vae.auto_slice_size`: whole batches off CPU or sharded).
+    """
+    size = vae_lib.auto_slice_size(image.shape[0], image.shape[1] * image.shape[2])
+    posterior = vae_lib.map_slices(lambda x: spec.vae.apply(vae_params, x, method=spec.vae.encode), image, size)
+    return _normalised_latent(spec, posterior, rng)
 
 
 def batch_latents(spec: FlowStep, vae_params: Any, batch: dict[str, jax.Array], rng: jax.Array | None) -> jax.Array:

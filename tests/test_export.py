@@ -274,6 +274,20 @@ def test_vae_encode_decode_parity(cfg, params, model, relerr):
     assert max(errs) <= TOL
 
 
+def test_torch_vae_slices_equal_the_whole_batch(model, relerr):
+    rng = np.random.default_rng(6)
+    image = torch.from_numpy(rng.uniform(-1, 1, (4, 3, H, W)).astype(np.float32))
+    z = torch.from_numpy(rng.standard_normal((4, C, H // 4, W // 4)).astype(np.float32))
+    with torch.no_grad():
+        mean, logvar = model.vae.encode(image)
+        decoded = model.vae.decode(z)
+        for size in (1, 2, None):  # None: the CPU rule (all 4 at this size)
+            m, lv = model.vae.encode_sliced(image, size)
+            assert relerr(m.numpy(), mean.numpy()) <= TOL and relerr(lv.numpy(), logvar.numpy()) <= TOL
+            assert relerr(model.vae.decode_sliced(z, size).numpy(), decoded.numpy()) <= TOL
+    assert float(decoded.std()) > 0
+
+
 @pytest.fixture(scope="module")
 def velocity_fn(cfg, params):
     den = build_denoiser(cfg)

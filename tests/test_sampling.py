@@ -286,6 +286,16 @@ def test_source_sampler_equals_reference_and_uses_the_source(source_sampler, cfg
     assert relerr(inpaint.images_BxHxWx3, out.images_BxHxWx3) > 1e-3  # and the task id
 
 
+def test_vae_slices_give_the_whole_batch_images(cfg, params, inputs, guided_out, relerr):
+    # 8 fake devices here, so the default decodes the whole batch; one image per call must agree.
+    assert sampling.auto_slice_size(B, H * W) == B
+    sliced = sampling.make_sampler(cfg, STEPS, vae_slice=1)
+    text, uncond, noise = inputs
+    out = sliced(params, text, uncond, noise, 3.0)
+    assert relerr(out.images_BxHxWx3, guided_out.images_BxHxWx3) <= 1e-5
+    assert float(out.images_BxHxWx3.std()) > 0
+
+
 def test_sharded_batch_equals_one_device(sampler, cfg, params, relerr):
     text, uncond = fake_text(5, 8), fake_text(2, 1, empty=True)
     noise = sampling.initial_noise(4, 8, (H // 4, W // 4), 4)

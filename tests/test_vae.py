@@ -141,3 +141,50 @@ def test_resolution_not_a_multiple_is_a_value_error():
         model.apply(params, jnp.zeros((1, 64, 64, 4)), method=model.encode)
     with pytest.raises(ValueError, match="16 channels"):
         model.apply(params, jnp.zeros((1, 2, 2, 8)), method=model.decode)
+
+
+# ----------------------------------------------------------------------------- VAE slicing
+
+
+def test_slice_size_rule_and_the_torch_mirror_agree():
+    from microforge_jax import vae_slicing
+    from microforge_jax.export import torch_model as tm
+
+    size = vae_slicing.slice_size
+    assert size(8, 256 * 256, cpu=True) == 1  # tiny at 256 px: one image per call
+    assert size(32, 64 * 64, cpu=True) == 16  # nano at 64 px: 16 images
+    assert size(6, 128 * 128, cpu=True) == 3  # the largest divisor of the batch under 4
+    assert size(7, 64 * 64, cpu=True) == 7
+    assert size(2, 512 * 512, cpu=True) == 1
+    assert size(8, 256 * 256, cpu=False) == 8  # accelerators: the whole batch
+    assert size(8, 256 * 256, cpu=True, devices=8) == 8  # sharded batches: the whole batch
+    for batch in (1, 2, 3, 6, 8, 12, 32, 33):
+        for side in (16, 64, 96, 128, 256, 512):
+            for cpu in (True, False):
+                ours = size(batch, side * side, cpu=cpu)
+                assert batch % ours == 0
+                assert tm.vae_slice_size(batch, side * side, cpu) == ours, (batch, side, cpu)
+    with pytest.raises(ValueError, match="positive"):
+        size(0, 16, cpu=True)
+
+
+def test_sliced_encode_and_decode_equal_the_whole_batch(redraw, relerr):
+    cfg, model, params = _model_and_params("nano")
+    params = redraw(params, seed=4)
+    rng = np.random.default_rng(5)
+    image = jnp.asarray(rng.uniform(-1, 1, (4, 16, 24, 3)), jnp.float32)
+    z = jnp.asarray(rng.standard_normal((4, 4, 6, cfg.latent_channels)), jnp.float32)
+    enc = lambda x: model.apply(params, x, method=model.encode)
+    dec = lambda x: model.apply(params, x, method=model.decode)
+    whole_post, whole_img = jax.jit(enc)(image), jax.jit(dec)(z)
+    assert float(whole_post.mean.std()) > 0 and float(whole_img.std()) > 0
+    # images are independent: a different image in row 0 changes row 0 only
+    other = jax.jit(dec)(z.at[0].set(-z[0]))
+    assert relerr(other[0], whole_img[0]) > 1e-2 and relerr(other[1:], whole_img[1:]) <= 1e-6
+    for size in (1, 2):
+        post = jax.jit(functools.partial(vae_lib.map_slices, enc, size=size))(image)
+        img = jax.jit(functools.partial(vae_lib.map_slices, dec, size=size))(z)
+        assert relerr(post.mean, whole_post.mean) <= 1e-5 and relerr(post.logvar, whole_post.logvar) <= 1e-5
+        assert relerr(img, whole_img) <= 1e-5
+    with pytest.raises(ValueError, match="must divide the batch"):
+        vae_lib.map_slices(dec, z, 3)

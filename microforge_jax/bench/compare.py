@@ -39,7 +39,7 @@ from microforge_jax.config import ModelConfig
 from microforge_jax.export import convert
 from microforge_jax.export import torch_model as tm
 from microforge_jax.models.denoiser import Text, build_denoiser
-from microforge_jax.models.vae import build_vae
+from microforge_jax.models.vae import auto_slice_size, build_vae, map_slices
 
 Row = dict[str, Any]
 DEVICE = torch.device("cpu")  # where the torch side runs; `setup_torch` picks CUDA beside a JAX GPU
@@ -351,7 +351,13 @@ def _profile_rows(pair: SamplerPair, case: str, repeats: int, jax_ms: float, eag
     loop_c = loop.lower(*pair.jax_args()).compile()
     vae = build_vae(cfg)
     z = sampling.denormalize_latent(pair.noise, cfg.vae)
-    decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode")).lower(pair.params["vae"], z).compile()
+    f = cfg.vae.downsample_factor
+    size = auto_slice_size(z.shape[0], z.shape[1] * z.shape[2] * f * f)  # as the sampler slices it
+
+    def dec(p, z):
+        return map_slices(lambda x: vae.apply({"params": p}, x, method="decode"), z, size)
+
+    decode = jax.jit(dec).lower(pair.params["vae"], z).compile()
     j_loop = median_ms(lambda: jax.block_until_ready(loop_c(*pair.jax_args())), repeats)
     j_dec = median_ms(lambda: jax.block_until_ready(decode(pair.params["vae"], z)), repeats)
     zt = torch.from_numpy(np.array(z)).permute(0, 3, 1, 2).contiguous().to(DEVICE)
@@ -359,7 +365,7 @@ def _profile_rows(pair: SamplerPair, case: str, repeats: int, jax_ms: float, eag
 
     def t_decode():
         with torch.inference_mode():
-            pair.model.vae.decode(zt)
+            pair.model.vae.decode_sliced(zt)
         sync()
 
     t_dec = median_ms(t_decode, repeats)
@@ -429,7 +435,7 @@ class TorchFlowStep:
         hp, vc, g = self.hp, self.cfg.vae, self.gen
         b, dev = image.shape[0], image.device
         with torch.no_grad():
-            mean, logvar = self.vae.encode(image)
+            mean, logvar = self.vae.encode_sliced(image)
             z0 = (
                 mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g, device=dev) - vc.shift_factor
             ) * vc.scaling_factor

@@ -267,8 +267,27 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+VAE_SLICE_PIXELS = 256 * 256  # `microforge_jax.vae_slicing.SLICE_PIXELS` (this file imports nothing of the package)
+
+
+def vae_slice_size(batch: int, pixels: int, cpu: bool) -> int:
+    """Images per VAE call (VAE slicing), the rule of `microforge_jax.vae_slicing.slice_size`.
+
+    On a CPU: the largest divisor of `batch` not above `VAE_SLICE_PIXELS // pixels` (at least 1;
+    `pixels` at the image's resolution): oneDNN's full-resolution convolutions slow down once a
+    call outgrows the cache, as XLA's do. Elsewhere: `batch`.
+    """
+    if not cpu:
+        return batch
+    target = max(1, min(batch, VAE_SLICE_PIXELS // max(1, pixels)))
+    return max(d for d in range(1, target + 1) if batch % d == 0)
+
+
 class DCVAE(nn.Module):
-    """`encode(image) -> (mean, logvar)` (the diagonal Gaussian posterior), `decode(z) -> image`."""
+    """`encode(image) -> (mean, logvar)` (the diagonal Gaussian posterior), `decode(z) -> image`.
+
+    `encode_sliced` / `decode_sliced` are the same a slice of images at a time (`vae_slice_size`).
+    """
 
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__()
@@ -288,6 +307,19 @@ class DCVAE(nn.Module):
 
     def forward(self, z_BxCxhxw: Tensor) -> Tensor:
         return self.decode(z_BxCxhxw)
+
+    def encode_sliced(self, image_Bx3xHxW: Tensor, size: int | None = None) -> tuple[Tensor, Tensor]:
+        """`encode` `size` images at a time (None: `vae_slice_size`)."""
+        b, (h, w) = image_Bx3xHxW.shape[0], image_Bx3xHxW.shape[-2:]
+        size = size or vae_slice_size(b, h * w, image_Bx3xHxW.device.type == "cpu")
+        parts = [self.encode(x) for x in image_Bx3xHxW.split(size)]
+        return torch.cat([m for m, _ in parts]), torch.cat([lv for _, lv in parts])
+
+    def decode_sliced(self, z_BxCxhxw: Tensor, size: int | None = None) -> Tensor:
+        """`decode` `size` latents at a time (None: `vae_slice_size`)."""
+        b, (h, w) = z_BxCxhxw.shape[0], z_BxCxhxw.shape[-2:]
+        size = size or vae_slice_size(b, h * w * self.factor**2, z_BxCxhxw.device.type == "cpu")
+        return torch.cat([self.decode(z) for z in z_BxCxhxw.split(size)])
 
 
 # ----------------------------------------------------------------------------- selective scan
@@ -979,7 +1011,7 @@ class MicroForgeTorch(nn.Module):
         task_N = torch.full((n,), task, dtype=torch.long, device=noise_BxCxhxw.device)
         source = None
         if source_Bx3xHxW is not None:
-            mean, _ = self.vae.encode(source_Bx3xHxW.float())
+            mean, _ = self.vae.encode_sliced(source_Bx3xHxW.float())
             source = (mean - self.shift_factor) * self.scaling_factor
             source = torch.cat([source, source]) if guided else source
         ts = time_grid(steps, shift, noise_BxCxhxw.device)
@@ -999,7 +1031,7 @@ class MicroForgeTorch(nn.Module):
                 z = euler_step(z, v, ts[k], ts[k + 1])
         images = None
         if decode:
-            images = self.vae.decode(z / self.scaling_factor + self.shift_factor).clamp(-1.0, 1.0)
+            images = self.vae.decode_sliced(z / self.scaling_factor + self.shift_factor).clamp(-1.0, 1.0)
         return images, z
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
-from microforge_jax import axes
+from microforge_jax import axes, vae_slicing
 from microforge_jax.config import VAEConfig
 from microforge_jax.models import layers
 
@@ -231,6 +231,28 @@ class DCVAE(nn.Module):
         posterior = self.encode(image_BxHxWx3)
         z = posterior.mode() if rng is None else posterior.sample(rng)
         return self.decode(z), posterior
+
+
+def map_slices(fn, x: jax.Array, size: int):
+    """`fn(x)` computed `size` rows at a time: a `lax.map` over equal slices of axis 0 (VAE slicing).
+
+    `fn` must treat rows independently (the VAE does: its GroupNorms are per image); its output, any
+    pytree of arrays with a leading batch axis, equals `fn(x)`'s up to float rounding. Forward passes
+    only: autodiff through the map is far slower than through `fn(x)` (the frozen encode in the flow
+    step and the sampler's decode are the callers).
+    """
+    b = x.shape[0]
+    if size >= b:
+        return fn(x)
+    if size < 1 or b % size:
+        raise ValueError(f"VAE slice size {size} must divide the batch of {b}")
+    out = jax.lax.map(fn, x.reshape(b // size, size, *x.shape[1:]))
+    return jax.tree.map(lambda y: y.reshape(b, *y.shape[2:]), out)
+
+
+def auto_slice_size(batch: int, pixels: int) -> int:
+    """`vae_slicing.slice_size` on this process's default backend and device count."""
+    return vae_slicing.slice_size(batch, pixels, cpu=jax.default_backend() == "cpu", devices=jax.device_count())
 
 
 def build_vae(cfg, dtype: Dtype | None = None) -> DCVAE:

@@ -269,3 +269,22 @@ def test_kernel_profile_groups_the_traced_ops():
     groups = [float(line.split(" ms")[0]) for line in lines[2:]]
     assert 1 <= len(groups) <= 4 and groups == sorted(groups, reverse=True)
     assert sum(groups) <= total * 1.0001
+
+
+def test_slicing_bench_times_both_ways_and_rejects_bad_cases(capsys):
+    from microforge_jax.bench import slicing
+
+    assert slicing.parse_cases("tiny:256:8, nano:64:32") == [("tiny", 256, 8), ("nano", 64, 32)]
+    text = slicing.main(["--cases", "nano:16:2", "--repeats", "1"])
+    rows = [line for line in text.splitlines() if line.startswith("| nano 16 px b2")]
+    assert [r.split(" | ")[1:3] for r in rows] == [
+        ["encode", "JAX jit"],
+        ["encode", "torch eager"],
+        ["decode", "JAX jit"],
+        ["decode", "torch eager"],
+    ]
+    for bad, message in (("nano:18:2", "multiple of 4"), ("nano:16", "config:side:batch")):
+        with pytest.raises(SystemExit) as exc:
+            slicing.main(["--cases", bad])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err

@@ -2,12 +2,12 @@
 
 No JAX here: the PyTorch mirror (`export.torch_model`) uses the same rule.
 
-On a CPU the VAE's full-resolution convolutions slow down once a call's activations outgrow the
-cache: on a 2-core AMD EPYC (2026-11-27, `BENCHMARKS.md`, "VAE slicing"), tiny's 256 px decode of
-8 images ran 15% faster one image at a time, and its encode 18% (PyTorch's oneDNN convolutions
-gain too: 18% / 34%). Slices of about `SLICE_PIXELS` pixels were the fastest size measured at
-64 / 128 / 256 px (nano 64 px: 16 images; tiny 128 px: 4; 256 px and up: 1). Accelerators and
-sharded batches take the whole batch: there slicing would serialise parallel work.
+On a CPU the VAE's full-resolution convolutions slow down ~2x once a call's activations outgrow
+the cache: on a 2-core AMD EPYC (2026-11-27, `python -m microforge_jax.bench.slicing`, BENCHMARKS.md
+"Session 9"), tiny's 256 px batch of 8 encoded 1.20x and decoded 1.11x faster one image at a time
+(PyTorch's oneDNN convolutions gain more: 1.52x / 1.57x); at 128 px slices of 4 gained ~5%, and at
+64 px slices of 16 were within noise. Accelerators and sharded batches take the whole batch: there
+slicing would serialise parallel work.
 """
 
 from __future__ import annotations

@@ -108,8 +108,6 @@ def main(argv: list[str] | None = None) -> str:
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
 
-    import torch
-
     from microforge_jax.bench.compare import setup_torch
     from microforge_jax.bench.machine import header
 
@@ -123,7 +121,6 @@ def main(argv: list[str] | None = None) -> str:
             lines += case_rows(name, side, batch, args.repeats)
         except ValueError as e:  # an unknown config, a side the VAE cannot take
             parser.exit(2, f"error: {e}\n")
-    del torch
     text = f"`python -m microforge_jax.bench.slicing --cases {args.cases} --repeats {args.repeats}`\n\n"
     text += header() + "\n\n" + "\n".join(lines)
     print(text)

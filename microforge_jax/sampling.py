@@ -36,7 +36,7 @@ import numpy as np
 from microforge_jax import flow
 from microforge_jax.config import ModelConfig, VAEConfig
 from microforge_jax.models.denoiser import TASKS, Text, build_denoiser, task_id
-from microforge_jax.models.vae import auto_slice_size, build_vae, decode_tiled, map_slices
+from microforge_jax.models.vae import build_vae, decode_tiled, map_slices
 
 StepFn = Callable[..., jax.Array]  # (z, v, t, t_next) -> z_next, plus a PRNG key when stochastic
 SOURCE_TASKS = ("edit", "inpaint", "sr")
@@ -231,12 +231,6 @@ def make_sampler(
     def constrain(x: jax.Array) -> jax.Array:
         return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
 
-    def slice_of(x: jax.Array, upscale: int = 1) -> int:
-        """Images per VAE call for the NHWC batch `x` (`upscale`: output pixels per input pixel)."""
-        if vae_slice is not None:
-            return vae_slice
-        return auto_slice_size(x.shape[0], x.shape[1] * x.shape[2] * upscale)
-
     def sample(
         params: dict[str, Any],
         text: Text,
@@ -262,7 +256,7 @@ def make_sampler(
         if with_source:
             vvars = _variables(params["vae"])
             src = source_BxHxWx3.astype(jnp.float32)
-            posterior = map_slices(lambda x: vae.apply(vvars, x, method="encode"), src, slice_of(src))
+            posterior = map_slices(lambda x: vae.apply(vvars, x, method="encode"), src, vae_slice)
             source = constrain(normalize_latent(posterior.mode(), cfg.vae))
             if source.shape != noise_BxhxwxC.shape:
                 raise ValueError(f"source latent {tuple(source.shape)} != target latent {tuple(noise_BxhxwxC.shape)}")
@@ -310,9 +304,8 @@ def make_sampler(
             if vae_tile > 0:
                 images = decode_tiled(vae, vvars, z_vae, vae_tile, vae_tile_overlap)
             else:
-                f = cfg.vae.downsample_factor
-                size = slice_of(z_vae, f * f)
-                images = map_slices(lambda z: vae.apply(vvars, z, method="decode"), z_vae, size)
+                dec = lambda z: vae.apply(vvars, z, method="decode")
+                images = map_slices(dec, z_vae, vae_slice, upscale=cfg.vae.downsample_factor**2)
             images = constrain(jnp.clip(images.astype(jnp.float32), -1.0, 1.0))
         return Samples(images, z, plans)
 

@@ -205,8 +205,7 @@ def encode_latents(spec: FlowStep, vae_params: Any, image: jax.Array, rng: jax.A
 
     The frozen encoder runs in VAE slices (`vae.auto_slice_size`: whole batches off CPU or sharded).
     """
-    size = vae_lib.auto_slice_size(image.shape[0], image.shape[1] * image.shape[2])
-    posterior = vae_lib.map_slices(lambda x: spec.vae.apply(vae_params, x, method=spec.vae.encode), image, size)
+    posterior = vae_lib.map_slices(lambda x: spec.vae.apply(vae_params, x, method=spec.vae.encode), image)
     return _normalised_latent(spec, posterior, rng)
 
 

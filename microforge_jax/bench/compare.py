@@ -39,7 +39,7 @@ from microforge_jax.config import ModelConfig
 from microforge_jax.export import convert
 from microforge_jax.export import torch_model as tm
 from microforge_jax.models.denoiser import Text, build_denoiser
-from microforge_jax.models.vae import auto_slice_size, build_vae, map_slices
+from microforge_jax.models.vae import build_vae, map_slices
 
 Row = dict[str, Any]
 DEVICE = torch.device("cpu")  # where the torch side runs; `setup_torch` picks CUDA beside a JAX GPU
@@ -351,11 +351,10 @@ def _profile_rows(pair: SamplerPair, case: str, repeats: int, jax_ms: float, eag
     loop_c = loop.lower(*pair.jax_args()).compile()
     vae = build_vae(cfg)
     z = sampling.denormalize_latent(pair.noise, cfg.vae)
-    f = cfg.vae.downsample_factor
-    size = auto_slice_size(z.shape[0], z.shape[1] * z.shape[2] * f * f)  # as the sampler slices it
 
-    def dec(p, z):
-        return map_slices(lambda x: vae.apply({"params": p}, x, method="decode"), z, size)
+    def dec(p, z):  # sliced as the sampler slices it
+        up = cfg.vae.downsample_factor**2
+        return map_slices(lambda x: vae.apply({"params": p}, x, method="decode"), z, upscale=up)
 
     decode = jax.jit(dec).lower(pair.params["vae"], z).compile()
     j_loop = median_ms(lambda: jax.block_until_ready(loop_c(*pair.jax_args())), repeats)

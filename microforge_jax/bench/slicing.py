@@ -36,7 +36,7 @@ def alternate(fns: list[Callable[[], object]], repeats: int) -> list[float]:
 
 
 def parse_cases(text: str) -> list[tuple[str, int, int]]:
-    """ "tiny:256:8,nano:64:32" -> [("tiny", 256, 8), ("nano", 64, 32)]."""
+    """Parses "tiny:256:8,nano:64:32" into [("tiny", 256, 8), ("nano", 64, 32)]."""
     cases = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         parts = item.split(":")
@@ -65,9 +65,9 @@ def case_rows(name: str, side: int, batch: int, repeats: int) -> list[str]:
         raise ValueError(f"{name}'s VAE needs a side that is a multiple of {f}, got {side}")
     vae = vae_lib.build_vae(cfg)
     params = redraw(jax.jit(vae.init)(jax.random.key(0), jnp.zeros((1, f, f, 3))), 1)
-    size = vae_lib.auto_slice_size(batch, side * side)
     rng = np.random.default_rng(0)
     image = rng.uniform(-1, 1, (batch, side, side, 3)).astype(np.float32)
+    size = vae_lib.auto_slice_size(image)
     z = rng.standard_normal((batch, side // f, side // f, c)).astype(np.float32)
     enc = lambda x: vae.apply(params, x, method=vae.encode).mean
     dec = lambda x: vae.apply(params, x, method=vae.decode)

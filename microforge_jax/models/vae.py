@@ -233,14 +233,15 @@ class DCVAE(nn.Module):
         return self.decode(z), posterior
 
 
-def map_slices(fn, x: jax.Array, size: int):
+def map_slices(fn, x: jax.Array, size: int | None = None, *, upscale: int = 1):
     """`fn(x)` computed `size` rows at a time: a `lax.map` over equal slices of axis 0 (VAE slicing).
 
     `fn` must treat rows independently (the VAE does: its GroupNorms are per image); its output, any
     pytree of arrays with a leading batch axis, equals `fn(x)`'s up to float rounding. Forward passes
     only: autodiff through the map is far slower than through `fn(x)` (the frozen encode in the flow
-    step and the sampler's decode are the callers).
+    step and the sampler's decode are the callers). `size=None`: `auto_slice_size(x, upscale)`.
     """
+    size = auto_slice_size(x, upscale) if size is None else size
     b = x.shape[0]
     if size >= b:
         return fn(x)
@@ -250,9 +251,14 @@ def map_slices(fn, x: jax.Array, size: int):
     return jax.tree.map(lambda y: y.reshape(b, *y.shape[2:]), out)
 
 
-def auto_slice_size(batch: int, pixels: int) -> int:
-    """`vae_slicing.slice_size` on this process's default backend and device count."""
-    return vae_slicing.slice_size(batch, pixels, cpu=jax.default_backend() == "cpu", devices=jax.device_count())
+def auto_slice_size(x_BxHxWxC: jax.Array, upscale: int = 1) -> int:
+    """`vae_slicing.slice_size` for the NHWC batch `x` on this process's default backend and device count.
+
+    `upscale`: output pixels per pixel of `x` (f * f when `x` is a latent to decode).
+    """
+    b, h, w = x_BxHxWxC.shape[:3]
+    cpu = jax.default_backend() == "cpu"
+    return vae_slicing.slice_size(b, h * w * upscale, cpu=cpu, devices=jax.device_count())
 
 
 def build_vae(cfg, dtype: Dtype | None = None) -> DCVAE:

@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     b.ssm_state = 16  # SSM state size N
     b.dt_rank = 0  # rank of the dt projection; 0 means ceil(dim / 16)
     b.conv_kernel = 3  # depthwise conv on the token grid (kernel x kernel)
-    b.scan_impl = "auto"  # "auto" (by backend), "associative", "chunked", "sequential" or "pallas" (fused kernel, GPU)
+    b.scan_impl = "auto"  # "auto" (by backend), "associative", "chunked", "sequential", "native" (CPU), "pallas"
     b.scan_chunk = 8  # chunk length of the chunked scan (8 measured best on a 2-core CPU)
     b.shared_attn_every = 3  # apply the one SharedMQA block after every k blocks
     b.adaln_group_size = 6  # blocks sharing one AdaLN modulation MLP (AdaLN-Group); each adds an offset

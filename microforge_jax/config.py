@@ -274,7 +274,7 @@ class ModelConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         choices = {
-            "backbone.scan_impl": ("auto", "associative", "chunked", "sequential", "pallas"),
+            "backbone.scan_impl": ("auto", "associative", "chunked", "sequential", "native", "pallas"),
             "backbone.mixer": ("bissm", "attention"),
             "backbone.adaln": ("group", "full"),
             "backbone.pos_embed": ("sincos", "none"),

@@ -1,6 +1,10 @@
 """Selective scan forms vs a float64 reference, zigzag paths, Mamba parity, BiSSM properties."""
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -9,11 +13,12 @@ import numpy as np
 import pytest
 
 from microforge_jax.config import BackboneConfig
+from microforge_jax.models import native_scan
 from microforge_jax.models import scan as scan_lib
 from microforge_jax.models.ssm import BiSSM, SelectiveSSM, depthwise_conv2d
 from microforge_jax.models.zigzag import PATHS, inverse, permute, zigzag_path
 
-FORMS = ("associative", "chunked", "sequential")
+FORMS = ("associative", "chunked", "sequential", "native")
 LENGTHS = (1, 7, 33, 100)
 CHUNK = 16  # below most lengths, so 33 and 100 exercise the padded last chunk
 
@@ -125,6 +130,7 @@ def test_scan_matches_float64(impl, length, relerr, grad_fns, reference_grads):
 
 def test_auto_and_per_row_A(relerr):
     """`auto` resolves per backend; a per-batch-row A (both BiSSM directions in one call) is exact."""
+    # These tests run on 8 CPU devices, where the (not batch-partitioned) native kernel is not the default.
     assert scan_lib.auto_impl("cpu") == "sequential" and scan_lib.auto_impl("tpu") == "associative"
     assert scan_lib.auto_impl("gpu") == "pallas"  # the fused kernel (jax 0.10-0.11 have the Triton backend)
     a1, a2 = _inputs(33, seed=1), _inputs(33, seed=2)
@@ -149,6 +155,81 @@ def test_bf16_stays_close_to_fp32(relerr):
     tiny = jnp.full_like(args[1], 1e-3).astype(jnp.bfloat16)
     y = scan_lib.selective_scan_jit(bf[0], tiny, *bf[2:])
     assert relerr(y, _numpy_scan(*(np.asarray(a, np.float64) for a in (bf[0], tiny, *bf[2:])))) <= 2e-2
+
+
+def _native_vs_sequential(args, chunk):
+    """y and the five input gradients of the native kernel (per-row A, given chunk) and of lax.scan."""
+    u, delta, A, B, C = args
+    w = jnp.asarray(np.random.default_rng(5).standard_normal(u.shape), jnp.float32)
+
+    def native(u, delta, At, B, C):
+        return native_scan.selective_scan_native(u, delta, At, B, C, chunk=chunk)
+
+    def sequential(u, delta, At, B, C):
+        tr = lambda x: jnp.swapaxes(x, 0, 1)
+        return tr(scan_lib._sequential(tr(u), tr(delta), At, tr(B), tr(C)))
+
+    out = []
+    for f in (native, sequential):
+        y, vjp = jax.vjp(jax.jit(f), u, delta, A, B, C)
+        out.append((y, vjp(w)))
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_native_kernel_chunks_rows_and_threads(chunk, relerr, monkeypatch):
+    """The C++ kernel against lax.scan: per-row A, chunk boundaries anywhere, rows split over threads."""
+    rng = np.random.default_rng(chunk)
+    bt, length, din, n = 3, 100, 20, 5
+    u, delta, _, B, C, _ = _inputs(length, bt=bt, din=din, n=n, seed=chunk)
+    A = -np.exp(rng.standard_normal((bt, n, din)))  # (Bt, N, Din): each row its own decays
+    args = [jnp.asarray(x, jnp.float32) for x in (u, delta, A, B, C)]
+    for threads in ("1", "2"):
+        monkeypatch.setenv("MICROFORGE_SCAN_THREADS", threads)
+        (y, grads), (y_ref, grads_ref) = _native_vs_sequential(args, chunk)
+        assert float(jnp.std(y_ref)) > 0 and relerr(y, y_ref) <= 1e-6
+        for name, g, g_ref in zip("u delta At B C".split(), grads, grads_ref):
+            assert float(jnp.std(g_ref)) > 0 and relerr(g, g_ref) <= 1e-5, (name, threads)
+
+
+def test_native_kernel_on_a_sharded_batch(relerr):
+    """Batch-sharded over the 8 test devices (XLA gathers it for the custom call): same y and gradients."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    u, delta, A, B, C, D = (jnp.asarray(x, jnp.float32) for x in _inputs(33, bt=8, din=12))
+    loss = lambda impl: lambda u, d, B, C: jnp.sum(jnp.sin(scan_lib.selective_scan(u, d, A, B, C, D, impl=impl)))
+    grad = lambda impl: jax.jit(jax.value_and_grad(loss(impl), argnums=(0, 1, 2, 3)))
+    sharded = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
+    v, g = grad("native")(*(jax.device_put(x, sharded) for x in (u, delta, B, C)))
+    v_ref, g_ref = grad("sequential")(u, delta, B, C)
+    assert abs(float(v) - float(v_ref)) <= 1e-5 * abs(float(v_ref))
+    for a, b in zip(g, g_ref):
+        assert relerr(a, b) <= 1e-5
+
+
+def test_native_kernel_build_and_fallback(tmp_path, monkeypatch):
+    """A missing or failing compiler is a NativeScanError saying which; `auto` then keeps lax.scan."""
+    monkeypatch.setenv("MICROFORGE_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(native_scan.NativeScanError, match="not an executable"):
+        native_scan.build()
+    monkeypatch.setenv("CXX", "false")  # runs, exits 1
+    with pytest.raises(native_scan.NativeScanError, match="failed"):
+        native_scan.build()
+    assert not list((tmp_path / "cache").glob("*.so"))  # no half-written library left behind
+    # On one CPU device `auto` is the kernel where it builds, lax.scan (with one warning) where not.
+    code = "from microforge_jax.models import scan; print(scan.auto_impl('cpu'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "CXX")}
+    env["MICROFORGE_KERNEL_CACHE"] = str(tmp_path / "cache")
+    root = str(Path(__file__).resolve().parent.parent)
+    run = lambda **kw: subprocess.run(
+        [sys.executable, "-c", code], env={**env, **kw}, cwd=root, capture_output=True, text=True, timeout=300
+    )
+    good, bad = run(), run(CXX="false", MICROFORGE_KERNEL_CACHE=str(tmp_path / "other"))
+    assert good.returncode == 0 and good.stdout.split() == ["native"], good.stderr
+    assert bad.returncode == 0 and bad.stdout.split() == ["sequential"], bad.stderr
+    assert "native CPU scan unavailable" in bad.stderr and "failed" in bad.stderr
+    assert len(list((tmp_path / "cache").glob("native_scan_*.so"))) == 1
 
 
 @pytest.mark.parametrize("hw", [(8, 8), (5, 7), (8, 16), (1, 6), (3, 1)])

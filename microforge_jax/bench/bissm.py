@@ -1,7 +1,7 @@
 """The BiSSM layer and its selective scan against their hardware floors, JAX forms and the PyTorch mirror.
 
     python -m microforge_jax.bench.bissm [--bissm-lengths 64,256,1024,4096] [--bissm-batch 2]
-        [--bissm-repeats 5] [--bissm-what layer,scan] [--bissm-forms sequential,chunked,associative,torch]
+        [--bissm-repeats 5] [--bissm-what layer,scan] [--bissm-forms native,sequential,chunked,associative,torch]
         [--bissm-max-gb 8]
 
 `--bissm-forms` also takes `pallas` (the fused kernel, `models/pallas_scan.py`); it runs on GPU only
@@ -9,8 +9,8 @@
 
 tiny's width (dim 256 -> inner 512, N = 16, dt rank 16, 3x3 depthwise conv), batch `--bissm-batch`
 (2 by default; the scan sees 2 x batch rows, both directions stacked), L tokens on a square grid.
-Forms: JAX `associative`, `chunked` (chunk 8, the config default) and `sequential` (what `auto`
-picks on CPU), and the PyTorch mirror (`export/torch_model.py`: its eager form, a loop over tokens
+Forms: JAX `native` (the fused C++ kernel, `models/native_scan.py`: what `auto` picks on CPU),
+`sequential` (`lax.scan`, the CPU fallback), `associative`, `chunked` (chunk 8), and the PyTorch mirror (`export/torch_model.py`: its eager form, a loop over tokens
 in blocks with a hand-written backward; the static chunked form is only for export). Forward, and
 forward + backward of sum(y^2) w.r.t. the inputs (and the layer's parameters).
 
@@ -52,7 +52,7 @@ import numpy as np
 from microforge_jax.models.scan import auto_impl
 
 DIM, EXPAND, STATE, CHUNK = 256, 2, 16, 8
-JAX_FORMS = ("sequential", "chunked", "associative", "pallas")
+JAX_FORMS = ("native", "sequential", "chunked", "associative", "pallas")
 F32 = 4
 RATE_N, MATMUL_N = 16 * 2**20, 2048  # the streaming arrays (64 MiB, past the caches) and the matmul side
 EXP_BLOCK, EXP_REPS = 2**18, 50  # the exp rate: a 1 MiB cache-resident block, exp'd EXP_REPS times
@@ -97,7 +97,7 @@ def materialised_bytes(form: str, bt: int, length: int, d: int, n: int, backward
         return (3 if not backward else 8) * full  # a, b, h (fwd); + the backward's copies
     if form == "torch":  # the eager loop keeps one block of decays; the backward, every state (written, read)
         return 2 * full if backward else 0
-    return 0  # chunked, pallas: chunk-start states only, L / T x D x N
+    return 0  # native, chunked, pallas: chunk-start states only, L / T x D x N
 
 
 def floors(counts: dict, rates: dict) -> dict:
@@ -315,7 +315,7 @@ def estimated_gb(form: str, bt: int, length: int, d: int, n: int, backward: bool
     """A rough upper estimate of the form's peak memory, to skip cases that would not fit."""
     full = F32 * bt * length * d * n
     # torch: at most a block of decays and states (fwd), every state plus a block's gradients (fwd+bwd).
-    live = {"sequential": 1.5, "chunked": 0.2, "associative": 6.0, "torch": 1.0, "pallas": 0.1}[form]
+    live = {"sequential": 1.5, "chunked": 0.2, "associative": 6.0, "torch": 1.0, "pallas": 0.1, "native": 0.1}[form]
     return live * full * ((2.0 if form == "torch" else 2.5) if backward else 1.0) / 1e9
 
 
@@ -325,7 +325,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bissm-repeats", type=int, default=5, help="timed calls per case (median), after a warm-up")
     parser.add_argument("--bissm-budget-s", type=float, default=4.0, help="stop repeating a case after this long")
     parser.add_argument("--bissm-what", default="layer,scan", help="layer, scan or both")
-    parser.add_argument("--bissm-forms", default="sequential,chunked,associative,torch", help="forms to run")
+    parser.add_argument("--bissm-forms", default="native,sequential,chunked,associative,torch", help="forms to run")
     parser.add_argument("--bissm-modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both")
     parser.add_argument("--bissm-max-gb", type=float, default=8.0, help="skip cases estimated to need more memory")
 
@@ -402,6 +402,9 @@ def rows(args) -> list[dict]:
                         if form == "pallas" and jax.default_backend() == "cpu":
                             row["note"] = "skipped: pallas runs in the (very slow) Pallas interpreter on CPU; "
                             row["note"] += _case_row(what, length, mode, form, b, counts, rates)["note"]
+                            continue
+                        if form == "native" and jax.default_backend() != "cpu":
+                            row["note"] = "skipped: the native kernel is CPU only; " + row["note"]
                             continue
                         if gb > args.bissm_max_gb:
                             row["note"] = f"skipped: ~{gb:.1f} GB estimated > --bissm-max-gb {args.bissm_max_gb:g}; "

@@ -39,11 +39,11 @@ FORMS = ("sequential", "chunked", "associative")
 
 
 def forms(backend: str | None = None) -> tuple[str, ...]:
-    """The forms timed on `backend`: FORMS, plus "pallas" off CPU.
+    """The forms timed on `backend`: FORMS, plus "native" (the C++ kernel) on CPU, "pallas" elsewhere.
 
-    On CPU the fused kernel runs in the Pallas interpreter, which exists for tests, not for timing.
+    On CPU the Pallas kernel runs in the Pallas interpreter, which exists for tests, not for timing.
     """
-    return FORMS + (("pallas",) if (backend or jax.default_backend()) != "cpu" else ())
+    return FORMS + (("native",) if (backend or jax.default_backend()) == "cpu" else ("pallas",))
 
 
 def _time(fn, *args, repeats: int) -> float:

@@ -11,6 +11,9 @@
 - "chunked": `lax.scan` over chunks of `chunk` tokens with an associative scan inside each chunk
   and the state carried across chunks; a `custom_vjp` keeps only the chunk-start states and
   recomputes each chunk in the backward pass, so no (Bt, L, N, Din) tensor exists in either pass.
+- "native": one fused C++ kernel per pass on CPU (`native_scan.py`, called through the XLA FFI,
+  compiled on first use): each token's update is one pass over the cache-resident state, and the
+  backward recomputes chunks from saved chunk-start states. The default on CPU where a compiler works.
 - "pallas": one fused Pallas kernel per pass (`pallas_scan.py`: Triton on GPU, the Pallas
   interpreter on CPU, where it is only for tests): the state stays in registers, each input is
   read once, the backward recomputes chunks from saved chunk-start states.
@@ -28,15 +31,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from microforge_jax.models import pallas_scan
+from microforge_jax.models import native_scan, pallas_scan
 
-IMPLS = ("auto", "associative", "chunked", "sequential", "pallas")
+IMPLS = ("auto", "associative", "chunked", "sequential", "native", "pallas")
 
 
 def auto_impl(backend: str | None = None) -> str:
     """The scan form "auto" resolves to on `backend` (default: `jax.default_backend()`).
 
-    CPU: "sequential". `python -m microforge_jax.bench.scan` (2-core Xeon, 2026-11-26): fastest
+    CPU: "native" on one device where the C++ kernel builds (session 10, 2-core AMD EPYC: 2.6x the sequential
+    form forward and 3.6x forward+backward at (4, 1024, 512, 16); BENCHMARKS.md), else "sequential".
+    Before the kernel: `python -m microforge_jax.bench.scan` (2-core Xeon, 2026-11-26): fastest
     forward at every shape (2-4x chunked, 10-25x associative) and fastest fwd+bwd at the nano shapes
     and the mock 6-block step; chunked (chunk 8) won fwd+bwd at the tiny shape (244 vs 362 ms).
     The associative form pays for passes over L x D x N tensors in memory. With the dot-reduction
@@ -49,7 +54,10 @@ def auto_impl(backend: str | None = None) -> str:
     """
     backend = backend or jax.default_backend()
     if backend == "cpu":
-        return "sequential"
+        # The kernel is not batch-partitioned: on several devices XLA would gather a sharded batch
+        # and run every row on each device, so multi-device CPU jobs (tests, gloo) keep lax.scan.
+        one_device = jax.device_count("cpu") == 1
+        return "native" if one_device and native_scan.available() else "sequential"
     if backend in ("gpu", "cuda", "rocm") and pallas_scan.triton_available():
         return "pallas"
     return "associative"
@@ -75,7 +83,7 @@ def selective_scan(
         own (used to run both BiSSM directions in one call).
       B, C: (Bt, L, N) input and output projections of the state.
       D: (Din,) skip connection, or (Bt, Din).
-      impl: "auto", "associative", "chunked", "sequential" or "pallas".
+      impl: "auto", "associative", "chunked", "sequential", "native" (CPU only) or "pallas".
       chunk: chunk length of the chunked form (the pallas form keeps its own, `pallas_scan.CHUNK`:
         there it sets the backward's register use, not a CPU loop's cost).
 
@@ -97,7 +105,9 @@ def selective_scan(
     # fp32 island: in bf16 exp(delta * A) rounds to 1 for small steps and the decay vanishes.
     f32 = jnp.float32
     At = jnp.swapaxes(A.astype(f32), -1, -2)  # (Ba, N, Din)
-    if impl == "pallas":
+    if impl == "native":
+        y = native_scan.selective_scan_native(u, delta, jnp.broadcast_to(At, (bt, n, din)), B, C)
+    elif impl == "pallas":
         # Batch-major and in the input dtype: the kernel reads each row once and converts in registers.
         y = pallas_scan.selective_scan_pallas(u, delta, At, B, C)
     else:

@@ -58,15 +58,19 @@ def test_quick_command_prints_the_table(capsys):
     for expected in [
         ("sampling", "torch vs JAX outputs"),
         ("sampling", "JAX jit (lax.scan + decode)"),
-        ("sampling", "torch eager"),
+        ("sampling", "torch eager (token loop)"),  # the mirror's own eager scan
+        ("sampling", "torch eager (C++ scan)"),  # the JAX CPU kernel plugged into the mirror (g++ is here)
         ("sampling", "JAX: FLOP rate"),
         ("train", "JAX jit (flow_train_step, donated)"),
     ]:
         assert expected in impls, f"missing row {expected} in:\n{table}"
-    assert any(p == "train" and i.startswith("torch eager") for p, i in impls)
-    for r in rows:  # the timed rows have a number
-        if r[2] in ("JAX jit (lax.scan + decode)", "torch eager"):
+    train_forms = {i.rsplit(" (", 1)[-1] for p, i in impls if p == "train" and i.startswith("torch eager")}
+    assert train_forms == {"token loop)", "C++ scan)"}
+    for r in rows:  # the timed rows have a number, and exactly one torch form per part is the baseline
+        if r[2].startswith(("JAX jit", "torch eager")):
             assert float(r[3]) > 0
+    for part in ("sampling", "train"):
+        assert sum(r[0].strip("| ") == part and "(the baseline)" in r[6] for r in rows) == 1, part
 
 
 def test_unknown_part_is_one_clear_error(capsys):

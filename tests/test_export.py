@@ -23,7 +23,7 @@ import torch
 from microforge_jax import cli, sampling
 from microforge_jax.checkpoint import StageCheckpointer, save_run_config
 from microforge_jax.config import ModelConfig, load_config
-from microforge_jax.export import convert
+from microforge_jax.export import convert, torch_native_scan
 from microforge_jax.export import torch_model as tm
 from microforge_jax.export.__main__ import export_config
 from microforge_jax.export.__main__ import main as export_main
@@ -145,9 +145,10 @@ def torch_text(text_: Text) -> tuple[torch.Tensor, ...]:
 
 
 @pytest.mark.parametrize("length,chunk", [(24, 8), (37, 8), (5, 16), (300, 32)])
-@pytest.mark.parametrize("form", ["static", "eager"])
+@pytest.mark.parametrize("form", ["static", "eager", "native"])
 def test_chunked_scan_equals_sequential_reference(form, length, chunk, relerr):
-    """The export form (chunks of T) and the eager loop (blocks of T): values and gradients vs the plain loop."""
+    """The export form (chunks of T), the eager loop (blocks of T) and the C++ kernel the benchmark can
+    plug in (chunks of T): values and gradients vs the plain loop."""
     g = torch.Generator().manual_seed(length)
     bt, e, n = 3, 12, 16
     u = torch.randn(bt, length, e, generator=g)
@@ -160,6 +161,8 @@ def test_chunked_scan_equals_sequential_reference(form, length, chunk, relerr):
     inputs = (u, delta, -torch.exp(a_log), b_, c_, d_)
     if form == "static":
         scan = lambda *a: tm.selective_scan_static(*a, chunk=chunk)
+    elif form == "native":
+        scan = lambda *a: torch_native_scan.selective_scan(*a, block=chunk)
     else:
         scan = lambda *a: tm.selective_scan(*a, block=chunk)
     cotangent = torch.randn(bt, length, e, generator=g)
@@ -227,6 +230,22 @@ def test_scan_form_switch_forces_either_form_with_equal_outputs(monkeypatch):
             outs[form] = layer(x, (3, 4)).numpy()
     assert calls == ["selective_scan_static", "selective_scan"]
     np.testing.assert_allclose(outs["static"], outs["loop"], rtol=1e-4, atol=1e-5)
+
+
+def test_scan_kernel_hook_runs_the_cpp_scan_in_the_bissm(monkeypatch, relerr):
+    """`SCAN_KERNEL` replaces the eager loop (the benchmark plugs in the C++ kernel): same outputs and grads."""
+    layer, x = tm.BiSSM(TINY_BISSM, layer_index=1), torch.randn(2, 12, 8)
+    calls, outs = [], {}
+    kernel = lambda *a, **k: calls.append(1) or torch_native_scan.selective_scan(*a, **k)
+    for hook in (None, kernel):
+        monkeypatch.setattr(tm, "SCAN_KERNEL", hook)
+        layer.zero_grad()
+        y = layer(x, (3, 4))
+        (y**2).sum().backward()
+        outs[hook is None] = [y.detach().numpy()] + [p.grad.numpy().copy() for p in layer.parameters()]
+    assert len(calls) == 1
+    for a, b in zip(outs[False], outs[True]):
+        assert relerr(a, b) <= 1e-5
 
 
 def test_torch_mirror_keeps_every_tensor_on_the_model_device(config, params, text):

@@ -331,6 +331,10 @@ SCAN_BLOCK_ELEMENTS = 2**19  # eager scan: tokens per block T such that (T, Bt, 
 # "loop" or "static" (forced; the benchmark times both on a GPU, where many small kernel launches
 # make the loop's cost different).
 SCAN_FORM = "auto"
+# An optional drop-in for the eager loop, with `selective_scan`'s signature (None: the loop). The
+# benchmark sets microforge_jax's compiled C++ CPU scan here (`export/torch_native_scan.py`), the
+# kernel the JAX model runs on CPU, so both sides of its comparison can use it.
+SCAN_KERNEL = None
 
 
 def graph_capture() -> bool:
@@ -587,7 +591,7 @@ class BiSSM(nn.Module):
         args = [torch.cat(v, 0) for v in (us, deltas, As, Bs, Cs, Ds)]
         # Traced for export: the static form, whose graph does not grow with L; eager: the loop.
         static = SCAN_FORM == "static" or (SCAN_FORM == "auto" and graph_capture())
-        y = selective_scan_static(*args, chunk=self.chunk) if static else selective_scan(*args)
+        y = selective_scan_static(*args, chunk=self.chunk) if static else (SCAN_KERNEL or selective_scan)(*args)
         y = y[:b][:, torch.argsort(order["fwd_"])] + y[b:][:, torch.argsort(order["bwd_"])]
         return self.out_proj(y.to(z.dtype) * F.silu(z))
 

@@ -223,6 +223,28 @@ ffi::Error ScanBackwardImpl(ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> delta
 
 }  // namespace
 
+// The same two passes with a plain C ABI on contiguous fp32 arrays (layouts as above), for callers
+// outside XLA: the PyTorch wrapper `export/torch_native_scan.py` loads them with ctypes.
+extern "C" {
+
+void mf_scan_forward_raw(const float* u, const float* delta, const float* At, const float* B, const float* C,
+                         float* y, float* starts, int64_t rows, int64_t length, int64_t d, int64_t n, int64_t chunk,
+                         int64_t threads) {
+  const Dims s{rows, length, d, n, chunk};
+  for_rows(rows, threads, [&](int64_t r) { forward_row(s, r, u, delta, At, B, C, y, starts); });
+}
+
+void mf_scan_backward_raw(const float* u, const float* delta, const float* At, const float* B, const float* C,
+                          const float* g, const float* starts, float* du, float* ddelta, float* dA, float* dB,
+                          float* dC, int64_t rows, int64_t length, int64_t d, int64_t n, int64_t chunk,
+                          int64_t threads) {
+  const Dims s{rows, length, d, n, chunk};
+  for_rows(rows, threads,
+           [&](int64_t r) { backward_row(s, r, u, delta, At, B, C, g, starts, du, ddelta, dA, dB, dC); });
+}
+
+}  // extern "C"
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MfScanForward, ScanForwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()

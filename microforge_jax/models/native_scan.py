@@ -94,8 +94,14 @@ def build() -> Path:
 
 
 @functools.cache
+def library() -> ctypes.CDLL:
+    """The built kernel library, loaded (also exports `mf_scan_forward_raw` / `_backward_raw`, C ABI)."""
+    return ctypes.cdll.LoadLibrary(str(build()))
+
+
+@functools.cache
 def _register() -> None:
-    lib = ctypes.cdll.LoadLibrary(str(build()))
+    lib = library()
     for name, symbol in ((FORWARD, lib.MfScanForward), (BACKWARD, lib.MfScanBackward)):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
 

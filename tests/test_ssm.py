@@ -207,6 +207,13 @@ def test_native_kernel_on_a_sharded_batch(relerr):
         assert relerr(a, b) <= 1e-5
 
 
+def test_native_kernel_is_cpu_only(monkeypatch):
+    args = [jnp.asarray(a, jnp.float32) for a in _inputs(7)]
+    monkeypatch.setattr(scan_lib.jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match="'native' is the CPU kernel; on gpu use 'auto'"):
+        scan_lib.selective_scan(*args, impl="native")
+
+
 def test_native_kernel_build_and_fallback(tmp_path, monkeypatch):
     """A missing or failing compiler is a NativeScanError saying which; `auto` then keeps lax.scan."""
     monkeypatch.setenv("MICROFORGE_KERNEL_CACHE", str(tmp_path / "cache"))

@@ -20,6 +20,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -52,6 +56,8 @@ struct Dims {
 };
 
 // Runs fn(row) for every row, the rows split in contiguous blocks over up to `threads` threads.
+// The workers take the caller's floating-point control state (on x86 the MXCSR: XLA runs its
+// thunks with denormals flushed to zero), so every row is computed as on the calling thread.
 template <typename Fn>
 void for_rows(int64_t rows, int64_t threads, Fn fn) {
   threads = std::max<int64_t>(1, std::min(threads, rows));
@@ -59,11 +65,20 @@ void for_rows(int64_t rows, int64_t threads, Fn fn) {
     for (int64_t r = 0; r < rows; ++r) fn(r);
     return;
   }
+#if defined(__SSE__)
+  const unsigned int csr = _mm_getcsr();
+#endif
   std::vector<std::thread> pool;
   const int64_t per = (rows + threads - 1) / threads;
   for (int64_t k = 1; k < threads; ++k) {
     const int64_t lo = k * per, hi = std::min(rows, lo + per);
-    if (lo < hi) pool.emplace_back([=] { for (int64_t r = lo; r < hi; ++r) fn(r); });
+    if (lo < hi)
+      pool.emplace_back([=] {
+#if defined(__SSE__)
+        _mm_setcsr(csr);
+#endif
+        for (int64_t r = lo; r < hi; ++r) fn(r);
+      });
   }
   for (int64_t r = 0; r < std::min(rows, per); ++r) fn(r);
   for (auto& t : pool) t.join();

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import logging
 import os
 import platform
@@ -62,6 +63,14 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
+def _jaxlib_version() -> str:
+    """The FFI headers' version: they ship with jaxlib."""
+    try:
+        return importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return jax.__version__
+
+
 def cache_dir() -> Path:
     root = os.environ.get("MICROFORGE_KERNEL_CACHE")
     if root:
@@ -74,7 +83,7 @@ def build() -> Path:
     cxx = _compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, jax.lib.__version__, _cpu_id()]).encode()
+        "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _jaxlib_version(), _cpu_id()]).encode()
     ).hexdigest()[:16]
     lib = cache_dir() / f"native_scan_{key}.so"
     if lib.exists():

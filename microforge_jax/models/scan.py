@@ -106,6 +106,8 @@ def selective_scan(
     f32 = jnp.float32
     At = jnp.swapaxes(A.astype(f32), -1, -2)  # (Ba, N, Din)
     if impl == "native":
+        if jax.default_backend() != "cpu":
+            raise ValueError(f"scan impl 'native' is the CPU kernel; on {jax.default_backend()} use 'auto'")
         y = native_scan.selective_scan_native(u, delta, jnp.broadcast_to(At, (bt, n, din)), B, C)
     elif impl == "pallas":
         # Batch-major and in the input dtype: the kernel reads each row once and converts in registers.

@@ -81,7 +81,7 @@ def cache_dir() -> Path:
 def build() -> Path:
     """Compiles the kernel if this source/compiler/CPU has no library yet; returns its path."""
     cxx = _compiler()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    version = _run([cxx, "--version"], timeout=60).stdout.split("\n")[0]
     key = hashlib.sha256(
         "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _jaxlib_version(), _cpu_id()]).encode()
     ).hexdigest()[:16]
@@ -93,13 +93,25 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
     cmd = [cxx, *FLAGS, "-shared", "-fPIC", "-pthread", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        done = _run(cmd, timeout=600)
+    except NativeScanError:
+        os.unlink(tmp)
+        raise
     if done.returncode != 0:
         os.unlink(tmp)
-        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise NativeScanError(f"`{' '.join(cmd)}` failed: {tail}")
+        lines = done.stderr.strip().splitlines() or ["(no output)"]
+        first_error = next((ln for ln in lines if "error" in ln), lines[-1])
+        raise NativeScanError(f"`{' '.join(cmd)}` failed: {first_error}")
     os.replace(tmp, lib)
     return lib
+
+
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NativeScanError(f"`{' '.join(cmd)}` did not run: {e}") from e
 
 
 @functools.cache

@@ -39,8 +39,9 @@ IMPLS = ("auto", "associative", "chunked", "sequential", "native", "pallas")
 def auto_impl(backend: str | None = None) -> str:
     """The scan form "auto" resolves to on `backend` (default: `jax.default_backend()`).
 
-    CPU: "native" on one device where the C++ kernel builds (session 10, 2-core AMD EPYC: 2.6x the sequential
-    form forward and 3.6x forward+backward at (4, 1024, 512, 16); BENCHMARKS.md), else "sequential".
+    CPU: "native" on one device where the C++ kernel builds (session 10, 2-core AMD EPYC, quiet: 2.4x
+    the sequential form forward and 6.3x forward+backward at (4, 1024, 512, 16); BENCHMARKS.md), else
+    "sequential".
     Before the kernel: `python -m microforge_jax.bench.scan` (2-core Xeon, 2026-11-26): fastest
     forward at every shape (2-4x chunked, 10-25x associative) and fastest fwd+bwd at the nano shapes
     and the mock 6-block step; chunked (chunk 8) won fwd+bwd at the tiny shape (244 vs 362 ms).

@@ -65,15 +65,34 @@ def test_bissm_rows_run_on_a_tiny_case(monkeypatch):
     args = _args(
         bissm,
         ["--bissm-lengths", "16", "--bissm-batch", "1", "--bissm-repeats", "1", "--bissm-budget-s", "0"]
-        + ["--bissm-forms", "sequential,torch", "--bissm-modes", "fwd,fwd+bwd", "--bissm-what", "scan"],
+        + ["--bissm-forms", "sequential,torch,torch-native", "--bissm-modes", "fwd,fwd+bwd", "--bissm-what", "scan"],
     )
     rows = bissm.rows(args)
     keys = {"part", "case", "impl", "median_ms", "compile_s", "ratio", "note"}
     assert all(keys <= set(r) for r in rows)
     timed = [r for r in rows if r["median_ms"] is not None]
-    assert len(timed) == 2 * 2 and all(r["median_ms"] > 0 and r["ratio"].endswith("x floor") for r in timed)
-    assert {r["impl"] for r in timed} == {"jax sequential [default]", "torch loop [default]"}
+    assert len(timed) == 3 * 2 and all(r["median_ms"] > 0 and r["ratio"].endswith("x floor") for r in timed)
+    # 8 fake devices: `auto` keeps lax.scan for JAX; the mirror's default is its loop, the C++ form beside it.
+    assert {r["impl"] for r in timed} == {"jax sequential [default]", "torch loop [default]", "torch C++ scan"}
     assert "| scan | 16 | fwd |" in bissm.markdown(rows)
+
+
+def test_bissm_layer_case_runs_the_mirror_on_the_cpp_kernel(monkeypatch):
+    from microforge_jax.export import torch_model, torch_native_scan
+
+    calls = []
+    real = torch_native_scan.selective_scan
+    monkeypatch.setattr(torch_native_scan, "selective_scan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bissm.torch_layer_case(1, 16, backward=True, native=True)()
+    assert calls == [1] and torch_model.SCAN_KERNEL is None  # used inside the call, restored after it
+    bissm.torch_layer_case(1, 16, backward=False, native=False)()
+    assert calls == [1]  # the loop form does not touch the kernel
+
+
+def test_bissm_unknown_form_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        _args(bissm, ["--bissm-forms", "native,bogus"])
+    assert e.value.code == 2 and "unknown form(s) bogus" in capsys.readouterr().err
 
 
 def test_memory_rows_run_on_a_tiny_case():

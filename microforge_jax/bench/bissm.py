@@ -1,7 +1,8 @@
 """The BiSSM layer and its selective scan against their hardware floors, JAX forms and the PyTorch mirror.
 
     python -m microforge_jax.bench.bissm [--bissm-lengths 64,256,1024,4096] [--bissm-batch 2]
-        [--bissm-repeats 5] [--bissm-what layer,scan] [--bissm-forms native,sequential,chunked,associative,torch]
+        [--bissm-repeats 5] [--bissm-what layer,scan]
+        [--bissm-forms native,sequential,chunked,associative,torch,torch-native]
         [--bissm-max-gb 8]
 
 `--bissm-forms` also takes `pallas` (the fused kernel, `models/pallas_scan.py`); it runs on GPU only
@@ -11,7 +12,9 @@ tiny's width (dim 256 -> inner 512, N = 16, dt rank 16, 3x3 depthwise conv), bat
 (2 by default; the scan sees 2 x batch rows, both directions stacked), L tokens on a square grid.
 Forms: JAX `native` (the fused C++ kernel, `models/native_scan.py`: what `auto` picks on CPU),
 `sequential` (`lax.scan`, the CPU fallback), `associative`, `chunked` (chunk 8), and the PyTorch mirror (`export/torch_model.py`: its eager form, a loop over tokens
-in blocks with a hand-written backward; the static chunked form is only for export). Forward, and
+in blocks with a hand-written backward; the static chunked form is only for export) and `torch-native`,
+the mirror on the same C++ kernel as JAX's `native` (`export/torch_native_scan.py`, CPU; the one
+`python -m microforge_jax.bench`'s sampling and train rows take when it is faster). Forward, and
 forward + backward of sum(y^2) w.r.t. the inputs (and the layer's parameters).
 
 Each time sits beside three floors measured in the same process, per backend:
@@ -49,10 +52,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from microforge_jax.models import native_scan
 from microforge_jax.models.scan import auto_impl
 
 DIM, EXPAND, STATE, CHUNK = 256, 2, 16, 8
 JAX_FORMS = ("native", "sequential", "chunked", "associative", "pallas")
+TORCH_FORMS = ("torch", "torch-native")  # the mirror's eager loop; the mirror on the C++ kernel
+DEFAULT_FORMS = ("native", "sequential", "chunked", "associative", *TORCH_FORMS)
 F32 = 4
 RATE_N, MATMUL_N = 16 * 2**20, 2048  # the streaming arrays (64 MiB, past the caches) and the matmul side
 EXP_BLOCK, EXP_REPS = 2**18, 50  # the exp rate: a 1 MiB cache-resident block, exp'd EXP_REPS times
@@ -254,17 +260,27 @@ def jax_layer_case(form: str, batch: int, length: int, backward: bool):
 # ----------------------------------------------------------------------------- PyTorch cases
 
 
-def torch_scan_case(inputs, backward: bool):
-    import torch
-
+def _torch_kernel(native: bool):
+    """The mirror's scan: its eager loop, or the C++ kernel (`torch_native_scan`) when `native`."""
     from microforge_jax.export import torch_model
 
+    if not native:
+        return torch_model.selective_scan
+    from microforge_jax.export import torch_native_scan
+
+    return torch_native_scan.selective_scan
+
+
+def torch_scan_case(inputs, backward: bool, native: bool = False):
+    import torch
+
+    scan = _torch_kernel(native)
     ts = [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs]
     if not backward:
 
         def run():
             with torch.no_grad():
-                torch_model.selective_scan(*ts)
+                scan(*ts)
 
         return run
     ts = [t.requires_grad_(True) for t in ts]
@@ -272,12 +288,30 @@ def torch_scan_case(inputs, backward: bool):
     def run_bwd():
         for t in ts:
             t.grad = None
-        (torch_model.selective_scan(*ts) ** 2).sum().backward()
+        (scan(*ts) ** 2).sum().backward()
 
     return run_bwd
 
 
-def torch_layer_case(batch: int, length: int, backward: bool):
+def torch_layer_case(batch: int, length: int, backward: bool, native: bool = False):
+    from microforge_jax.export import torch_model
+
+    run = _torch_layer_case(batch, length, backward)
+    if not native:
+        return run
+    kernel = _torch_kernel(True)
+
+    def run_native():  # the mirror's BiSSM takes its eager scan from `SCAN_KERNEL`, read at call time
+        previous, torch_model.SCAN_KERNEL = torch_model.SCAN_KERNEL, kernel
+        try:
+            run()
+        finally:
+            torch_model.SCAN_KERNEL = previous
+
+    return run_native
+
+
+def _torch_layer_case(batch: int, length: int, backward: bool):
     import torch
 
     from microforge_jax.export import torch_model
@@ -315,8 +349,19 @@ def estimated_gb(form: str, bt: int, length: int, d: int, n: int, backward: bool
     """A rough upper estimate of the form's peak memory, to skip cases that would not fit."""
     full = F32 * bt * length * d * n
     # torch: at most a block of decays and states (fwd), every state plus a block's gradients (fwd+bwd).
-    live = {"sequential": 1.5, "chunked": 0.2, "associative": 6.0, "torch": 1.0, "pallas": 0.1, "native": 0.1}[form]
+    live = {"sequential": 1.5, "chunked": 0.2, "associative": 6.0, "torch": 1.0, "pallas": 0.1, "native": 0.1}
+    live = live["native" if form == "torch-native" else form]
     return live * full * ((2.0 if form == "torch" else 2.5) if backward else 1.0) / 1e9
+
+
+def _forms(text: str) -> str:
+    """`--bissm-forms`: a comma-separated subset of JAX_FORMS + TORCH_FORMS (else a usage error)."""
+    unknown = [f for f in text.split(",") if f and f not in JAX_FORMS + TORCH_FORMS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown form(s) {', '.join(unknown)}; forms are {', '.join(JAX_FORMS + TORCH_FORMS)}"
+        )
+    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -325,7 +370,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bissm-repeats", type=int, default=5, help="timed calls per case (median), after a warm-up")
     parser.add_argument("--bissm-budget-s", type=float, default=4.0, help="stop repeating a case after this long")
     parser.add_argument("--bissm-what", default="layer,scan", help="layer, scan or both")
-    parser.add_argument("--bissm-forms", default="native,sequential,chunked,associative,torch", help="forms to run")
+    parser.add_argument("--bissm-forms", default=",".join(DEFAULT_FORMS), type=_forms, help="forms to run")
     parser.add_argument("--bissm-modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both")
     parser.add_argument("--bissm-max-gb", type=float, default=8.0, help="skip cases estimated to need more memory")
 
@@ -338,10 +383,11 @@ def _rates_note(name: str, r: dict) -> str:
 
 
 def _case_row(what, length, mode, form, b, counts, rates) -> dict:
-    backend = "torch" if form == "torch" else "jax"
+    backend = "torch" if form in TORCH_FORMS else "jax"
     fl = floors(counts, rates[backend])
-    default = form == "torch" or form == auto_impl()  # what `auto` picks on this backend
-    impl = ("torch loop" if form == "torch" else f"jax {form}") + (" [default]" if default else "")
+    default = form == "torch" or form == auto_impl()  # what `auto` picks on this backend (the mirror: its loop)
+    label = {"torch": "torch loop", "torch-native": "torch C++ scan"}.get(form, f"jax {form}")
+    impl = label + (" [default]" if default else "")
     inner = DIM * EXPAND
     extra = materialised_bytes(form, 2 * b, length, inner, STATE, mode == "fwd+bwd")
     note = f"floors ms: bytes {fl['bytes_ms']:.2f}, flops {fl['flops_ms']:.2f}, exp {fl['exp_ms']:.2f}"
@@ -378,7 +424,7 @@ def rows(args) -> list[dict]:
     b, inner, n = args.bissm_batch, DIM * EXPAND, STATE
     rank = math.ceil(DIM / 16)
     rates = {}
-    if "torch" in forms:
+    if set(forms) & set(TORCH_FORMS):
         rates["torch"] = torch_rates(repeats)
     cases = []  # (row, thunk building the timed function)
     for backend in ("torch", "jax"):
@@ -394,7 +440,7 @@ def rows(args) -> list[dict]:
                     else:
                         counts = layer_counts(b, length, DIM, inner, n, rank, 3, backward)
                     for form in forms:
-                        if (form == "torch") != (backend == "torch"):
+                        if (form in TORCH_FORMS) != (backend == "torch"):
                             continue
                         row = _case_row(what, length, mode, form, b, counts, rates)
                         cases.append(row)
@@ -403,16 +449,20 @@ def rows(args) -> list[dict]:
                             row["note"] = "skipped: pallas runs in the (very slow) Pallas interpreter on CPU; "
                             row["note"] += _case_row(what, length, mode, form, b, counts, rates)["note"]
                             continue
-                        if form == "native" and jax.default_backend() != "cpu":
+                        if form in ("native", "torch-native") and jax.default_backend() != "cpu":
                             row["note"] = "skipped: the native kernel is CPU only; " + row["note"]
+                            continue
+                        if form == "torch-native" and not native_scan.available():
+                            row["note"] = "skipped: the native kernel did not build; " + row["note"]
                             continue
                         if gb > args.bissm_max_gb:
                             row["note"] = f"skipped: ~{gb:.1f} GB estimated > --bissm-max-gb {args.bissm_max_gb:g}; "
                             row["note"] += _case_row(what, length, mode, form, b, counts, rates)["note"]
                             continue
-                        if form == "torch":
-                            fn = torch_scan_case(inputs, backward) if what == "scan" else None
-                            fn = fn or torch_layer_case(b, length, backward)
+                        if form in TORCH_FORMS:
+                            native = form == "torch-native"
+                            fn = torch_scan_case(inputs, backward, native) if what == "scan" else None
+                            fn = fn or torch_layer_case(b, length, backward, native)
                         elif what == "scan":
                             fn = jax_scan_case(form, inputs, backward)
                         else:
@@ -420,7 +470,7 @@ def rows(args) -> list[dict]:
                         first, ms = _median_ms(fn, repeats, budget)
                         row.update(median_ms=ms, compile_s=first, ratio=f"{ms / row['floor_ms']:.1f}x floor")
                         del fn
-    order = {f: i for i, f in enumerate(JAX_FORMS + ("torch",))}
+    order = {f: i for i, f in enumerate(JAX_FORMS + TORCH_FORMS)}
     whats, lengths = args.bissm_what.split(","), [int(x) for x in args.bissm_lengths.split(",")]
     modes = args.bissm_modes.split(",")
     cases.sort(

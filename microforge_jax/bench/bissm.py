@@ -294,19 +294,14 @@ def torch_scan_case(inputs, backward: bool, native: bool = False):
 
 
 def torch_layer_case(batch: int, length: int, backward: bool, native: bool = False):
-    from microforge_jax.export import torch_model
-
     run = _torch_layer_case(batch, length, backward)
     if not native:
         return run
-    kernel = _torch_kernel(True)
+    from microforge_jax.export import torch_native_scan
 
-    def run_native():  # the mirror's BiSSM takes its eager scan from `SCAN_KERNEL`, read at call time
-        previous, torch_model.SCAN_KERNEL = torch_model.SCAN_KERNEL, kernel
-        try:
+    def run_native():  # the mirror's BiSSM reads its eager scan (`SCAN_KERNEL`) at call time
+        with torch_native_scan.as_scan_kernel():
             run()
-        finally:
-            torch_model.SCAN_KERNEL = previous
 
     return run_native
 
@@ -349,8 +344,8 @@ def estimated_gb(form: str, bt: int, length: int, d: int, n: int, backward: bool
     """A rough upper estimate of the form's peak memory, to skip cases that would not fit."""
     full = F32 * bt * length * d * n
     # torch: at most a block of decays and states (fwd), every state plus a block's gradients (fwd+bwd).
-    live = {"sequential": 1.5, "chunked": 0.2, "associative": 6.0, "torch": 1.0, "pallas": 0.1, "native": 0.1}
-    live = live["native" if form == "torch-native" else form]
+    live = {"sequential": 1.5, "chunked": 0.2, "associative": 6.0, "torch": 1.0, "pallas": 0.1, "native": 0.1,
+            "torch-native": 0.1}[form]  # fmt: skip
     return live * full * ((2.0 if form == "torch" else 2.5) if backward else 1.0) / 1e9
 
 
@@ -452,7 +447,7 @@ def rows(args) -> list[dict]:
                         if form in ("native", "torch-native") and jax.default_backend() != "cpu":
                             row["note"] = "skipped: the native kernel is CPU only; " + row["note"]
                             continue
-                        if form == "torch-native" and not native_scan.available():
+                        if form in ("native", "torch-native") and not native_scan.available():
                             row["note"] = "skipped: the native kernel did not build; " + row["note"]
                             continue
                         if gb > args.bissm_max_gb:

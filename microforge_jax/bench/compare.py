@@ -572,11 +572,8 @@ def native_torch_scan():
         return
     from microforge_jax.export import torch_native_scan
 
-    tm.SCAN_KERNEL = torch_native_scan.selective_scan
-    try:
+    with torch_native_scan.as_scan_kernel():
         yield True
-    finally:
-        tm.SCAN_KERNEL = None
 
 
 def setup_torch() -> None:

@@ -8,10 +8,12 @@ ctypes on contiguous fp32 CPU tensors, so the benchmark's PyTorch side can use i
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 
 import torch
 
+from microforge_jax.export import torch_model
 from microforge_jax.models import native_scan
 
 _i64 = ctypes.c_int64
@@ -65,3 +67,13 @@ def selective_scan(u, delta, A, B, C, D, block: int | None = None) -> torch.Tens
     chunk = block or native_scan.chunk_for(n, e)
     y = _NativeScan.apply(f(u), f(delta), At, f(B), f(C), int(chunk))
     return (y + u.float() * D.float().reshape(-1, e)[:, None, :]).to(u.dtype)
+
+
+@contextlib.contextmanager
+def as_scan_kernel():
+    """Within: the mirror's eager BiSSM scan (`torch_model.SCAN_KERNEL`) is this kernel; restored after."""
+    previous, torch_model.SCAN_KERNEL = torch_model.SCAN_KERNEL, selective_scan
+    try:
+        yield
+    finally:
+        torch_model.SCAN_KERNEL = previous

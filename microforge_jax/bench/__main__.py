@@ -32,7 +32,7 @@ from microforge_jax.bench.machine import header
 
 PARTS = ("sampling", "train", "bissm", "memory", "accel")
 DEFAULT_PARTS = ("sampling", "train", "bissm", "memory")  # accel (512 px small/base in bf16) is for accelerators
-OWN_PARTS = ("sampling", "train")  # in bench/compare.py; the others are bench/<part>.py
+OWN_PARTS = ("sampling", "train")  # bench/compare.py and bench/train_step.py; the others are bench/<part>.py
 COLUMNS = ("part", "case", "impl", "median_ms", "compile_s", "ratio", "note")
 
 
@@ -110,13 +110,13 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 def own_rows(name: str, args: argparse.Namespace) -> list[dict]:
     """Rows of the parts in bench/compare.py."""
-    from microforge_jax.bench import compare
+    from microforge_jax.bench import compare, train_step
     from microforge_jax.config import load_config
 
     compare.setup_torch()
     config = load_config(args.config, args.set)
     if name == "train":
-        return compare.train_rows(config, args.size, args.train_batch, args.repeats)
+        return train_step.train_rows(config, args.size, args.train_batch, args.repeats)
     matmul = compare.matmul_rate(2048 if not args.quick else 512, args.repeats)
     print(f"[sampling] f32 matmul: JAX {matmul['jax']:.0f} GFLOP/s, torch {matmul['torch']:.0f} GFLOP/s", flush=True)
     use_compile = args.torch_compile == "on" or (args.torch_compile == "auto" and not args.quick)

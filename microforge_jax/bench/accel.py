@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from microforge_jax import sampling
-from microforge_jax.bench import compare
+from microforge_jax.bench import compare, train_step
 from microforge_jax.bench.sampling import _fake_text
 from microforge_jax.config import ModelConfig, load_config
 
@@ -149,12 +149,12 @@ def train_row(
     cfg = ModelConfig.from_config(config)
     f, c = cfg.vae.downsample_factor, cfg.latent_channels
     params = compare.init_params(cfg, size, seed=20)
-    step, state, batch_, rng, frozen = compare.jax_flow_step(config, params, batch, size)
+    step, state, batch_, rng, frozen = train_step.jax_flow_step(config, params, batch, size)
     del batch_["image"]
     hw = (batch, size // f, size // f, c)
     batch_["latent_mean"] = jax.random.normal(jax.random.key(7), hw, jnp.float32)
     batch_["latent_logvar"] = jnp.full(hw, -4.0, jnp.float32)
-    run, compile_s = compare.compiled_step(step, state, batch_, rng, frozen)
+    run, compile_s = train_step.compiled_step(step, state, batch_, rng, frozen)
     ms = compare.median_ms(run, repeats)
     if hlo_dir:
         os.makedirs(hlo_dir, exist_ok=True)

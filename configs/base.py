@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
     v.decoder_blocks = 3  # residual blocks per decoder stage (the seed's sizes: 110M for base)
     v.scaling_factor = 1.0  # latent scale, measured after the VAE stage: z' = (z - shift) * scale
     v.shift_factor = 0.0  # latent shift, measured after the VAE stage
+    # "dc": the deep-compression VAE above; "pixel": no autoencoder, the flow runs on the image itself
+    # (then downsample_factor = 1, latent_channels = 3, and backbone.patch_size does the compression)
+    v.kind = "dc"
 
     m.backbone = b = ml_collections.ConfigDict()
     b.depth = 18  # number of SSM-Conv hybrid blocks
@@ -55,6 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
     # residual gates; 1: open, as PixArt's ungated cross-attention). Only the initialisation.
     b.cross_gate_init = 0.0
     b.shared_gate_init = 0.0  # the same for the shared self-attention block's gate
+    # "velocity": the network predicts v = eps - x0; "x": it predicts the clean latent x0 and the
+    # backbone returns (z_t - x0) / max(t, 0.05), so losses and samplers are unchanged (JiT: with large
+    # pixel patches, predicting the clean image is what works)
+    b.prediction = "velocity"
     # Ablations from the seed (section 10).
     b.use_planner = True  # A1: False removes the Recurrent Latent Planner
     b.mixer = "bissm"  # A2: "attention" replaces the BiSSM by full self-attention
@@ -67,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
     p.num_tokens = 32  # K plan tokens of the backbone's width
     p.depth = 2  # READ (cross-attention) + REASON (self-attention) layers per step
     p.diversity_weight = 0.01  # diversity loss on plan tokens (against planner collapse)
+    p.patch_size = 1  # latent cells per token side the planner READs (pixel space: the backbone's patch)
 
     m.text = t = ml_collections.ConfigDict()
     t.encoder = "clip"  # "minilm" (offline default), "clip", "bert" or "simple"

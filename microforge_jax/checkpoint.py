@@ -510,6 +510,8 @@ def load_run(workdir: str | os.PathLike) -> tuple[ml_collections.ConfigDict, dic
     root = workdir / CHECKPOINT_DIR
     if "vae" in steps:
         params["vae"] = _restore_ema(root / "vae", steps["vae"])
+    elif config.model.vae.get("kind", "dc") == "pixel":  # pixel space: the "VAE" has no parameters
+        params["vae"] = {}
     for stage in DENOISER_STAGES:
         if stage in steps:
             named = _restore_ema(root / stage, steps[stage])

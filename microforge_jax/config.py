@@ -140,6 +140,10 @@ class VAEConfig:
     latent_channels: int
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
+    # "dc": the deep-compression VAE; "pixel": no autoencoder, the "latent" is the image itself
+    # (downsample_factor 1, 3 channels; the backbone's patches do the compression). "dc" in runs
+    # saved before the key existed.
+    kind: str = "dc"
 
     @property
     def stage_channels(self) -> tuple[int, ...]:
@@ -191,6 +195,11 @@ class BackboneConfig:
     cross_gate_init: float = 0.0
     # The same for the shared self-attention block's gate (0 in runs saved before the key existed).
     shared_gate_init: float = 0.0
+    # What the network's output means: "velocity" (v = eps - x0, the flow's target) or "x" (the clean
+    # latent x0, turned into the velocity (z_t - x0) / max(t, X_PRED_MIN_T) inside the backbone, so
+    # the loss and every sampler still see a velocity; JiT, arXiv 2511.13720). "velocity" in runs
+    # saved before the key existed.
+    prediction: str = "velocity"
 
     @property
     def num_heads(self) -> int:
@@ -214,6 +223,7 @@ class PlannerConfig:
     head_dim: int
     latent_channels: int
     text_dim: int
+    patch_size: int = 1  # latent cells per READ token side (1 in runs saved before the key existed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,14 +276,24 @@ class ModelConfig:
 
     def validate(self) -> None:
         f = self.vae.downsample_factor
-        if f < 2 or f & (f - 1):
+        if self.vae.kind == "pixel":
+            if f != 1 or self.latent_channels != 3:
+                raise ConfigError(
+                    "model.vae.kind='pixel' works on the image itself: set model.vae.downsample_factor=1 and "
+                    f"model.latent_channels=3 (got {f} and {self.latent_channels})"
+                )
+        elif f < 2 or f & (f - 1):
             raise ConfigError(f"model.vae.downsample_factor must be a power of two, got {f}")
+        if self.planner.patch_size < 1:
+            raise ConfigError(f"model.planner.patch_size must be >= 1, got {self.planner.patch_size}")
         p = self.backbone.patch_size
         if p < 1:
             raise ConfigError(f"model.backbone.patch_size must be >= 1, got {p}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         choices = {
+            "vae.kind": ("dc", "pixel"),
+            "backbone.prediction": ("velocity", "x"),
             "backbone.scan_impl": ("auto", "associative", "chunked", "sequential", "native", "pallas"),
             "backbone.mixer": ("bissm", "attention"),
             "backbone.adaln": ("group", "full"),

@@ -62,9 +62,14 @@ def make_optimizer(hp: Any) -> optax.GradientTransformation:
 
 
 def ema_decay(step: jax.Array, decay: float) -> jax.Array:
-    """The EMA decay at `step`, warmed up as min(decay, (1 + step) / (10 + step))."""
+    """The EMA decay of the update after `step` updates: min(decay, step / (1 + step)).
+
+    Until `step / (1 + step)` reaches `decay` the EMA is the running mean of the parameters after
+    each update, so a short stage still averages; from step `decay / (1 - decay)` on (199 for
+    0.995) the decay is `decay` itself.
+    """
     step = jnp.asarray(step, jnp.float32)
-    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jnp.minimum(decay, step / (1.0 + step))
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:

@@ -373,6 +373,9 @@ def _sample_inputs(config, stage: str) -> tuple[list[str], np.ndarray | None]:
 def run_vae_stage(config, workdir: Path, mesh, rules) -> Any:
     hp = config.train.vae
     cfg = ModelConfig.from_config(config)
+    if cfg.vae.kind == "pixel":
+        print("[vae] skipped: model.vae.kind='pixel' has no autoencoder to train")
+        return {}
     vae = build_vae(cfg)
     disc = losses.PatchDiscriminator(hp.disc_channels, dtype=jnp.dtype(cfg.dtype))
     tx = optim.make_optimizer(hp)
@@ -430,6 +433,8 @@ def _perceptual(hp, load: bool = True) -> tuple[dict[str, Any], Any]:
 def _ensure_latent_stats(config, workdir: Path, vae_params: Any, mesh, rules) -> None:
     """Measures the latent scale/shift into config.json unless the run already has them (not 1 and 0)."""
     if config.model.vae.scaling_factor != 1.0 or config.model.vae.shift_factor != 0.0:
+        return
+    if config.model.vae.get("kind", "dc") == "pixel":  # images in [-1, 1] as they are, as JiT
         return
     scale, shift = measure_latent_stats(config, vae_params, mesh, rules)
     config.model.vae.scaling_factor, config.model.vae.shift_factor = scale, shift
@@ -664,6 +669,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             print("[edit] skipped: a folder of captioned images has no edit pairs (data.source='folder')")
             continue
         elif stage in ("flow", "edit", "distill", "consistency"):
+            if vae_params is None and config.model.vae.get("kind", "dc") == "pixel":
+                vae_params = {}  # pixel space: nothing to load
             if vae_params is None:
                 _, loaded = checkpoint.load_run(workdir)
                 if "vae" not in loaded:

@@ -145,3 +145,26 @@ def test_cli_bad_input_one_line_exit_2(tmp_path):
         )
         assert p.returncode == 2, (args, p.stderr)
         assert p.stderr.count("\n") == 1 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
+
+
+def test_seed_summary_is_mean_and_population_std_by_hand():
+    from microforge_jax.eval import model_eval
+
+    def result(seed, single, multi, edit):
+        gen = dict.fromkeys(model_eval.SEED_METRICS, 0.5)
+        gen.update(single_colour_shape=single, multi_all=multi)
+        return {"settings": {"seed": seed}, "generation": gen, "edit": {"success": edit}}
+
+    summary = model_eval.summarize_seeds(
+        [result(0, 0.6, 0.2, 0.25), result(1, 0.7, 0.4, 0.5), result(2, 0.8, 0.3, 0.0)]
+    )
+    assert summary["seeds"] == [0, 1, 2]
+    single = summary["generation"]["single_colour_shape"]
+    assert abs(single["mean"] - 0.7) < 1e-12 and abs(single["std"] - (0.02 / 3) ** 0.5) < 1e-12
+    assert abs(summary["generation"]["multi_all"]["mean"] - 0.3) < 1e-12
+    assert summary["generation"]["colour"]["std"] == 0.0
+    edit = summary["edit_success"]
+    assert abs(edit["mean"] - 0.25) < 1e-12 and abs(edit["std"] - (0.125 / 3) ** 0.5) < 1e-12
+    assert "single_colour_shape" in model_eval.format_seeds(summary)
+    no_edits = model_eval.summarize_seeds([{**result(0, 0.6, 0.2, 0.0), "edit": None}])
+    assert no_edits["edit_success"] is None

@@ -43,6 +43,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dump-prompts", type=Path, default=None, help="write the prompts as JSON and exit")
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON")
     p.add_argument("--workdir", type=Path, default=None, help="evaluate a trained run (model_eval)")
+    p.add_argument(
+        "--seeds", type=int, default=1,
+        help="--workdir: evaluate with this many seeds (--seed, --seed + 1, ...) and report mean and spread",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=25, help="sampling steps (--workdir)")
     p.add_argument("--cfg", type=float, default=4.0, help="guidance scale (--workdir)")
     p.add_argument("--edits", type=int, default=64, help="recolour edits to score (--workdir; 0: none)")
@@ -109,13 +113,24 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             raise InputError(f"--steps must be at least 1, got {args.steps}")
         if not 0.0 < args.edit_strength <= 1.0:
             raise InputError(f"--edit-strength must be in (0, 1], got {args.edit_strength}")
+        if args.seeds < 1:
+            raise InputError(f"--seeds must be at least 1, got {args.seeds}")
         # With --out the report goes there (eval.json and the grid are left as they are).
-        result = model_eval.evaluate_run(
-            args.workdir, num=200 if args.num is None else args.num, steps=args.steps, cfg=args.cfg,
-            seed=args.seed, edits=args.edits, split=args.split, sampler=args.sampler, write=args.out is None,
-            edit_strength=args.edit_strength,
-        )  # fmt: skip
+        results = [
+            model_eval.evaluate_run(
+                args.workdir, num=200 if args.num is None else args.num, steps=args.steps, cfg=args.cfg,
+                seed=args.seed + i, edits=args.edits, split=args.split, sampler=args.sampler,
+                write=args.out is None and i == 0, edit_strength=args.edit_strength,
+            )  # fmt: skip
+            for i in range(args.seeds)
+        ]
+        result = results[0]
         print(model_eval.format_result(result))
+        if args.seeds > 1:
+            result = {**result, "seeds": model_eval.summarize_seeds(results), "per_seed": results}
+            print(model_eval.format_seeds(result["seeds"]))
+            if args.out is None:
+                (args.workdir / "eval.json").write_text(json.dumps(result, indent=2))
         target = args.workdir / "eval.json" if args.out is None else args.out
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -182,3 +182,44 @@ def format_result(result: dict[str, Any]) -> str:
             f"PSNR outside {e['psnr_outside_db']:.1f} dB)"
         )
     return "\n".join(lines)
+
+
+SEED_METRICS = ("colour", "shape", "size", "position", "count", "single_colour_shape", "multi_all", "all")
+
+
+def summarize_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread (population std) over seeds of each generation metric and the edit success.
+
+    Args:
+      results: `evaluate_run` results of the same run and prompts with different seeds.
+
+    Returns:
+      {"seeds": [...], "generation": {metric: {"mean", "std", "values"}}, "edit_success": {...} or None}.
+    """
+
+    def stats(values: list[float]) -> dict[str, Any]:
+        v = np.asarray(values, np.float64)
+        return {"mean": float(v.mean()), "std": float(v.std()), "values": [float(x) for x in v]}
+
+    gen = {
+        k: stats([r["generation"][k] for r in results])
+        for k in SEED_METRICS
+        if all(r["generation"].get(k) is not None for r in results)
+    }
+    edits = [r["edit"]["success"] for r in results if r.get("edit")]
+    return {
+        "seeds": [r["settings"]["seed"] for r in results],
+        "generation": gen,
+        "edit_success": stats(edits) if len(edits) == len(results) else None,
+    }
+
+
+def format_seeds(summary: dict[str, Any]) -> str:
+    """One line per metric: mean +- std over the seeds (percent)."""
+    lines = [f"Over seeds {summary['seeds']} (mean +- std):"]
+    rows = list(summary["generation"].items())
+    if summary["edit_success"] is not None:
+        rows.append(("recolour edit success", summary["edit_success"]))
+    for key, st in rows:
+        lines.append(f"  {key:<24}{100 * st['mean']:6.1f}% +- {100 * st['std']:.1f}")
+    return "\n".join(lines)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 NUM_TASKS, NUM_MOD = 4, 6
+X_PRED_MIN_T = 0.05  # x-prediction: the smallest t the velocity (z_t - x0) / t divides by
 TASKS = ("generate", "edit", "inpaint", "sr")
 SAMPLERS = ("euler", "consistency")
 BOS_ID, EOS_ID, PAD_ID, SIMPLE_VOCAB = 256, 257, 258, 259
@@ -292,18 +293,24 @@ class DCVAE(nn.Module):
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__()
         self.factor = cfg["vae"]["downsample_factor"]
-        self.encoder = Encoder(cfg["vae"], cfg["latent_channels"])
-        self.decoder = Decoder(cfg["vae"], cfg["latent_channels"])
+        # "pixel": no autoencoder; the latent is the image itself (no parameters, identity both ways)
+        self.pixel = cfg["vae"].get("kind", "dc") == "pixel"
+        if not self.pixel:
+            self.encoder = Encoder(cfg["vae"], cfg["latent_channels"])
+            self.decoder = Decoder(cfg["vae"], cfg["latent_channels"])
 
     def encode(self, image_Bx3xHxW: Tensor) -> tuple[Tensor, Tensor]:
         h, w = image_Bx3xHxW.shape[-2:]
         if h % self.factor or w % self.factor:
             raise ValueError(f"image height and width must be multiples of {self.factor}, got {h}x{w}")
+        if self.pixel:
+            x = image_Bx3xHxW.float()
+            return x, torch.full_like(x, -30.0)
         mean, logvar = self.encoder(image_Bx3xHxW).float().chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z_BxCxhxw: Tensor) -> Tensor:
-        return self.decoder(z_BxCxhxw).float()
+        return z_BxCxhxw.float() if self.pixel else self.decoder(z_BxCxhxw).float()
 
     def forward(self, z_BxCxhxw: Tensor) -> Tensor:
         return self.decode(z_BxCxhxw)
@@ -709,7 +716,11 @@ class Backbone(nn.Module):
         shift, scale = self.final_adaln(silu_cond).chunk(2, dim=-1)
         v = self.proj_out(modulate(self.final_norm(x), shift, scale))
         v = v.reshape(b, grid_hw[0], grid_hw[1], c * p * p)[:, :, : w // p]
-        return F.pixel_shuffle(v.permute(0, 3, 1, 2), p).float()
+        out = F.pixel_shuffle(v.permute(0, 3, 1, 2), p).float()
+        if self.bb.get("prediction", "velocity") == "x":  # the clean latent x0 -> the velocity (z_t - x0) / t
+            t = t_B.float().clamp(min=X_PRED_MIN_T).reshape(-1, 1, 1, 1)
+            return (z_BxCxhxw.float() - out) / t
+        return out
 
 
 # ----------------------------------------------------------------------------- planner
@@ -727,7 +738,8 @@ class Planner(nn.Module):
         self.init_proj = nn.Linear(pl["text_dim"], d)
         self.carry_gate = nn.Parameter(torch.zeros(()))
         self.t_fc1, self.t_fc2 = nn.Linear(256, d), nn.Linear(d, d)
-        self.latent_proj = nn.Linear(pl["latent_channels"], d)
+        self.r = pl.get("patch_size", 1)  # READ tokens: r x r patches of latent cells
+        self.latent_proj = nn.Linear(pl["latent_channels"] * self.r**2, d)
         self.latent_norm = layer_norm(d)
         for i in range(pl["depth"]):
             for part in ("read", "reason"):
@@ -753,7 +765,9 @@ class Planner(nn.Module):
             mixed = keep * prev_BxKxD + (1 - keep) * p_init
             p = mixed if has_prev_B is None else torch.where(has_prev_B.bool()[:, None, None], mixed, p_init)
         p = p + self.t_fc2(F.silu(self.t_fc1(timestep_embedding(t_B, 256))))[:, None]
-        latent = self.latent_proj(z_BxCxhxw.permute(0, 2, 3, 1)).reshape(b, h * w, -1)
+        h, w = h // self.r, w // self.r
+        cells = F.pixel_unshuffle(z_BxCxhxw, self.r) if self.r > 1 else z_BxCxhxw
+        latent = self.latent_proj(cells.permute(0, 2, 3, 1)).reshape(b, h * w, -1)
         latent = self.latent_norm(latent + sincos_2d(h, w, latent.shape[-1], latent.device)[None])
         for i in range(self.pl["depth"]):
             p = p + getattr(self, f"read{i}")(getattr(self, f"read{i}_norm")(p), latent)

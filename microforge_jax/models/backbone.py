@@ -33,6 +33,8 @@ from microforge_jax.models.vae import pixel_shuffle, pixel_unshuffle
 Dtype = Any
 NUM_TASKS = 4  # generate, edit, inpaint, sr
 NUM_MOD = 6  # shift/scale/gate for the mixer and for the FFN
+# x-prediction: the smallest t the velocity (z_t - x0) / t divides by (JiT's clip of 1 - t at 0.05)
+X_PRED_MIN_T = 0.05
 _init_tokens = nn.initializers.normal(0.02)
 
 
@@ -157,7 +159,7 @@ class Backbone(nn.Module):
         task_B: jax.Array | None = None,
         source_BxhxwxC: jax.Array | None = None,
     ) -> jax.Array:
-        """Returns the velocity (B, h, w, C) of the target latent, in fp32.
+        """Returns the velocity (B, h, w, C) of the target latent, in fp32 (also with `prediction="x"`).
 
         Args:
           z_BxhxwxC: the noisy target latent z_t.
@@ -244,4 +246,8 @@ class Backbone(nn.Module):
         x = modulate(_ln("final_norm", **kw)(x), shift, scale)
         v = layers.dense(c * p * p, (axes.EMBED, None), kernel_init=layers.zeros, name="proj_out", **kw)(x)
         v = v.reshape(b, grid_hw[0], grid_hw[1], c * p * p)[:, :, : w // p]
-        return pixel_shuffle(v, p).astype(jnp.float32)
+        out = pixel_shuffle(v, p).astype(jnp.float32)
+        if cfg.prediction == "x":  # the clean latent x0 -> the velocity (z_t - x0) / t (fp32)
+            t = jnp.maximum(jnp.asarray(t_B, jnp.float32), X_PRED_MIN_T)[:, None, None, None]
+            return (z_BxhxwxC.astype(jnp.float32) - out) / t
+        return out

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from microforge_jax import axes
 from microforge_jax.config import PlannerConfig
 from microforge_jax.models import layers
+from microforge_jax.models.vae import pixel_unshuffle
 
 Dtype = Any
 
@@ -86,7 +87,12 @@ class Planner(nn.Module):
         t_emb = layers.dense(d, (None, axes.EMBED), name="t_fc1", **kw)(t_emb)
         p = p + layers.dense(d, (axes.MLP, axes.EMBED), name="t_fc2", **kw)(nn.silu(t_emb))[:, None]
 
-        latent = layers.dense(d, (None, axes.EMBED), name="latent_proj", **kw)(z_BxhxwxC.astype(self.dtype))
+        r = cfg.patch_size  # READ tokens are r x r patches of latent cells (pixel space: 8 x 8 pixels)
+        if h % r or w % r:
+            raise ValueError(f"latent height and width must be multiples of model.planner.patch_size={r}, got {h}x{w}")
+        cells = pixel_unshuffle(z_BxhxwxC.astype(self.dtype), r) if r > 1 else z_BxhxwxC.astype(self.dtype)
+        h, w = h // r, w // r
+        latent = layers.dense(d, (None, axes.EMBED), name="latent_proj", **kw)(cells)
         latent = latent.reshape(b, h * w, d) + layers.sincos_2d(h, w, d).astype(self.dtype)[None]
         latent = layers.layer_norm(name="latent_norm", **kw)(latent)
         for i in range(cfg.depth):

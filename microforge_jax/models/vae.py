@@ -195,10 +195,15 @@ class DiagonalGaussian:
         return kl.reshape(kl.shape[0], -1).sum(-1)
 
 
+PIXEL_LOGVAR = -30.0  # the pixel "posterior": std 3e-7, the lower clip of every posterior's log-variance
+
+
 class DCVAE(nn.Module):
     """Deep-compression VAE: `encode` -> DiagonalGaussian, `decode` -> image, `__call__` both.
 
     Images are NHWC in [-1, 1]; height and width must be multiples of `cfg.downsample_factor`.
+    With `cfg.kind == "pixel"` it has no parameters: the posterior is the image itself (a point mass)
+    and `decode` returns the latent, so trainer, sampler and export treat pixel space as a VAE.
     """
 
     cfg: VAEConfig
@@ -206,6 +211,8 @@ class DCVAE(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
+        if self.cfg.kind == "pixel":
+            return
         self.encoder = Encoder(self.cfg, dtype=self.dtype, param_dtype=self.param_dtype)
         self.decoder = Decoder(self.cfg, dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -220,10 +227,15 @@ class DCVAE(nn.Module):
 
     def encode(self, image_BxHxWx3: jax.Array) -> DiagonalGaussian:
         self._check(image_BxHxWx3.shape, self.cfg.downsample_factor, 3, "image")
+        if self.cfg.kind == "pixel":
+            x = image_BxHxWx3.astype(jnp.float32)
+            return DiagonalGaussian(x, jnp.full_like(x, PIXEL_LOGVAR))
         return DiagonalGaussian.from_moments(self.encoder(image_BxHxWx3))
 
     def decode(self, z_BxhxwxC: jax.Array) -> jax.Array:
         self._check(z_BxhxwxC.shape, 1, self.cfg.latent_channels, "latent")
+        if self.cfg.kind == "pixel":
+            return z_BxhxwxC.astype(jnp.float32)
         return self.decoder(z_BxhxwxC).astype(jnp.float32)
 
     def __call__(self, image_BxHxWx3: jax.Array, *, rng: jax.Array | None = None) -> tuple[jax.Array, DiagonalGaussian]:

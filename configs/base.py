@@ -62,6 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
     # backbone returns (z_t - x0) / max(t, 0.05), so losses and samplers are unchanged (JiT: with large
     # pixel patches, predicting the clean image is what works)
     b.prediction = "velocity"
+    # With prediction "x" and a source (edit / inpaint / SR): the clean target is predicted as source +
+    # the network's output, so copying the unedited rest of the image is the zero output
+    b.source_residual = False
     # Ablations from the seed (section 10).
     b.use_planner = True  # A1: False removes the Recurrent Latent Planner
     b.mixer = "bissm"  # A2: "attention" replaces the BiSSM by full self-attention

@@ -200,6 +200,9 @@ class BackboneConfig:
     # the loss and every sampler still see a velocity; JiT, arXiv 2511.13720). "velocity" in runs
     # saved before the key existed.
     prediction: str = "velocity"
+    # x-prediction with a source (edit / inpaint / SR): the network predicts the clean target as
+    # source + its output, so copying the unedited rest is the zero output (False in runs saved before).
+    source_residual: bool = False
 
     @property
     def num_heads(self) -> int:
@@ -284,6 +287,8 @@ class ModelConfig:
                 )
         elif f < 2 or f & (f - 1):
             raise ConfigError(f"model.vae.downsample_factor must be a power of two, got {f}")
+        if self.backbone.source_residual and self.backbone.prediction != "x":
+            raise ConfigError("model.backbone.source_residual needs model.backbone.prediction='x'")
         if self.planner.patch_size < 1:
             raise ConfigError(f"model.planner.patch_size must be >= 1, got {self.planner.patch_size}")
         p = self.backbone.patch_size

@@ -130,3 +130,29 @@ def test_pixel_x_prediction_denoiser_matches_pytorch(inputs, dparams, relerr):
         v_t, plan_t = m(tt_(z).permute(0, 3, 1, 2), tt_(tt), *(tt_(x) for x in text), tt_(plan), tt_(has_prev))
     assert relerr(plan_t.numpy(), plan_j) <= TOL
     assert relerr(v_t.permute(0, 2, 3, 1).numpy(), v_j) <= TOL
+
+
+def test_source_residual_predicts_the_change_from_the_source(inputs, dparams, relerr):
+    """source_residual: x0_hat = source + network output, so v = (z - source - out) / t; same in PyTorch."""
+    z, tt, text, plan = inputs["z"], inputs["t"], inputs["text"], inputs["plan"]
+    source = np.random.default_rng(7).uniform(-1, 1, z.shape).astype(np.float32)
+    task = np.array([1, 3], np.int32)
+    outs = {}
+    for res in (False, True):
+        cfg = _cfg("model.backbone.prediction=x", f"model.backbone.source_residual={res}")
+        fn = lambda p, *a: build_denoiser(cfg).apply({"params": p}, *a, method="velocity")
+        outs[res] = np.asarray(fn(dparams, z, tt, text, plan, task, source), np.float64)
+    t_clip = np.maximum(tt.astype(np.float64), 0.05)[:, None, None, None]
+    assert relerr(outs[True], outs[False] - source / t_clip) < 1e-6
+    m = tm.Denoiser(dataclasses.asdict(cfg)).eval()
+    state = convert.jax_to_torch({"d": dparams}, torch.nn.ModuleDict({"d": m}))
+    m.load_state_dict({k.removeprefix("d."): v for k, v in state.items()}, strict=True)
+    tt_ = lambda x: torch.from_numpy(np.asarray(x))
+    with torch.no_grad():
+        v_t = m.backbone(
+            tt_(z).permute(0, 3, 1, 2), tt_(tt), *(tt_(x) for x in text), tt_(plan), tt_(task),
+            tt_(source).permute(0, 3, 1, 2),
+        )  # fmt: skip
+    assert relerr(v_t.permute(0, 2, 3, 1).numpy(), outs[True]) <= TOL
+    with pytest.raises(ConfigError, match="source_residual"):
+        _cfg("model.backbone.source_residual=true")

@@ -718,6 +718,8 @@ class Backbone(nn.Module):
         v = v.reshape(b, grid_hw[0], grid_hw[1], c * p * p)[:, :, : w // p]
         out = F.pixel_shuffle(v.permute(0, 3, 1, 2), p).float()
         if self.bb.get("prediction", "velocity") == "x":  # the clean latent x0 -> the velocity (z_t - x0) / t
+            if self.bb.get("source_residual", False) and source_BxCxhxw is not None:
+                out = out + source_BxCxhxw.float()  # x0 = source + the predicted change
             t = t_B.float().clamp(min=X_PRED_MIN_T).reshape(-1, 1, 1, 1)
             return (z_BxCxhxw.float() - out) / t
         return out

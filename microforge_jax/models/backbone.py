@@ -248,6 +248,8 @@ class Backbone(nn.Module):
         v = v.reshape(b, grid_hw[0], grid_hw[1], c * p * p)[:, :, : w // p]
         out = pixel_shuffle(v, p).astype(jnp.float32)
         if cfg.prediction == "x":  # the clean latent x0 -> the velocity (z_t - x0) / t (fp32)
+            if cfg.source_residual and source_BxhxwxC is not None:
+                out = out + source_BxhxwxC.astype(jnp.float32)  # x0 = source + the predicted change
             t = jnp.maximum(jnp.asarray(t_B, jnp.float32), X_PRED_MIN_T)[:, None, None, None]
             return (z_BxhxwxC.astype(jnp.float32) - out) / t
         return out

@@ -1,4 +1,4 @@
-"""MicroForge-small (seed: 77M VAE + 29M backbone), 256-512 px on one accelerator.
+"""MicroForge-small (the original design's 77M VAE + 29M backbone), 256-512 px on one accelerator.
 
 python train.py --config configs/small.py --workdir runs/small model.text.path=/path/to/clip
 """

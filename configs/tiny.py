@@ -1,4 +1,4 @@
-"""MicroForge-tiny (seed: 16M VAE + 8M backbone), the mobile model.
+"""MicroForge-tiny (the original design's 16M VAE + 8M backbone), the mobile model.
 
 python train.py --config configs/tiny.py --workdir runs/tiny
 """

@@ -4,7 +4,7 @@ No JAX here: the PyTorch mirror (`export.torch_model`) uses the same rule.
 
 On a CPU the VAE's full-resolution convolutions slow down ~2x once a call's activations outgrow
 the cache: on a 2-core AMD EPYC (2026-11-27, `python -m microforge_jax.bench.slicing`, BENCHMARKS.md
-"Session 9"), tiny's 256 px batch of 8 encoded 1.20x and decoded 1.11x faster one image at a time
+"VAE slicing"), tiny's 256 px batch of 8 encoded 1.20x and decoded 1.11x faster one image at a time
 (PyTorch's oneDNN convolutions gain more: 1.52x / 1.57x); at 128 px slices of 4 gained ~5%, and at
 64 px slices of 16 were within noise. Accelerators and sharded batches take the whole batch: there
 slicing would serialise parallel work.

@@ -26,7 +26,7 @@ part() {  # part NAME SECONDS ARGS...: one benchmark process, its rows printed a
 nvidia-smi -L
 "$PY" -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())"
 
-# PARTS picks the parts, in order (default: compare accel). The session-4 call was
+# PARTS picks the parts, in order (default: compare accel). The Pallas kernel's check and timings:
 #   PARTS="pallas accel_scan bissm_pallas" OUT=$OUT bash scripts/bench_gpu.sh
 PARTS=${PARTS:-compare accel}
 for p in $PARTS; do
@@ -45,7 +45,7 @@ for p in $PARTS; do
     accel_scan) part accel_scan 300 --parts accel --repeats 5 --accel-sample base --accel-sample-batch 16 --accel-train small --accel-train-batch 32 --accel-scan associative,pallas ;;
     # the MFU rows alone (small, Pallas scan first), then base sampling alone: for a short call.
     mfu_scan) part mfu_scan 170 --parts accel --repeats 5 --accel-sample "" --accel-train small --accel-train-batch 32 --accel-scan pallas,associative ;;
-    # session 6: MFU with the Pallas scan at two batches for small and base, each step's device time by XLA op.
+    # MFU with the Pallas scan at two batches for small and base, each step's device time by XLA op.
     mfu_profile) part mfu_profile 330 --parts accel --repeats 5 --accel-sample "" --accel-train small,base --accel-train-batch 32,128 --accel-scan pallas --accel-profile ;;
     # the same profile for one batch, with the optimized HLO kept (to name the fusions).
     profile_b32) part profile_b32 240 --parts accel --repeats 5 --accel-sample "" --accel-train small,base --accel-train-batch 32 --accel-scan pallas --accel-profile --accel-hlo-dir "$OUT/hlo" ;;

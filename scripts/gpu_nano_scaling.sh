@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8: how nano's ShapesEval grows with flow steps when compute is not the limit (one GPU).
+# How nano's ShapesEval grows with flow steps when compute is not the limit (one GPU).
 # Each run starts from the default run's VAE (copied from $BASE) and trains the flow stage alone
 # with nano's recipe; ShapesEval of $NUM held-out prompts follows each run, and (CURVE=1) of each of
 # its checkpoints as soon as it is written, so one call gives the learning curve.

@@ -8,7 +8,7 @@ noised to t0, z = (1 - t0) z_src + t0 eps, then guided Euler steps down to 0 on 
 by t0, the planner carried as in sampling; the denoiser sees only the text) and decoded; ShapesEval
 reads the result back. t0 = 0 is the VAE round trip (the read-back ceiling); t0 = 1 is generation
 from noise. The level where a column falls from the first to the last value is where the model has
-to decide that attribute (BENCHMARKS.md, "Where shape is decided"). ~2 minutes for nano on a 2-core CPU.
+to decide that attribute (docs/experiments.md, "Where shape is decided"). ~2 minutes for nano on a 2-core CPU.
 """
 
 from __future__ import annotations

@@ -140,8 +140,10 @@ def test_source_residual_predicts_the_change_from_the_source(inputs, dparams, re
     outs = {}
     for res in (False, True):
         cfg = _cfg("model.backbone.prediction=x", f"model.backbone.source_residual={res}")
-        fn = lambda p, *a: build_denoiser(cfg).apply({"params": p}, *a, method="velocity")
-        outs[res] = np.asarray(fn(dparams, z, tt, text, plan, task, source), np.float64)
+        den = build_denoiser(cfg)
+        outs[res] = np.asarray(
+            den.apply({"params": dparams}, z, tt, text, plan, task, source, method="velocity"), np.float64
+        )
     t_clip = np.maximum(tt.astype(np.float64), 0.05)[:, None, None, None]
     assert relerr(outs[True], outs[False] - source / t_clip) < 1e-6
     m = tm.Denoiser(dataclasses.asdict(cfg)).eval()

@@ -12,7 +12,7 @@ bicubic) and centre-cropped to a square.
 Unreadable images (a corrupt JPEG, a zero-byte file, a file named in metadata.jsonl that is not
 there) are found lazily, when a record is read, so a big folder starts at once: the record of a
 bad image is replaced by the next readable one and carries `skipped = 1` (else 0). Counters kept
-in Grain worker processes never reach the trainer (DESIGN §7), so the trainer sums the `skipped`
+in Grain worker processes never reach the trainer, so the trainer sums the `skipped`
 field of the batches it consumes; over one epoch that counts each bad file once.
 """
 

@@ -54,7 +54,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--edit-strength", type=float, default=1.0, help="the edits' strength in (0, 1] (--workdir; 1: from noise)"
     )
     p.add_argument(
-        "--sampler", choices=("euler", "consistency"), default=None,
+        "--sampler", choices=("euler", "consistency", "heun", "dpm++2m"), default=None,
         help="step rule (--workdir); default: consistency at <= 4 steps for a consistency-distilled run, else euler",
     )  # fmt: skip
     return p.parse_args(argv)
@@ -118,9 +118,16 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         # With --out the report goes there (eval.json and the grid are left as they are).
         results = [
             model_eval.evaluate_run(
-                args.workdir, num=200 if args.num is None else args.num, steps=args.steps, cfg=args.cfg,
-                seed=args.seed + i, edits=args.edits, split=args.split, sampler=args.sampler,
-                write=args.out is None and i == 0, edit_strength=args.edit_strength,
+                args.workdir,
+                num=200 if args.num is None else args.num,
+                steps=args.steps,
+                cfg=args.cfg,
+                seed=args.seed + i,
+                edits=args.edits,
+                split=args.split,
+                sampler=args.sampler,
+                write=args.out is None and i == 0,
+                edit_strength=args.edit_strength,
             )  # fmt: skip
             for i in range(args.seeds)
         ]

@@ -1,4 +1,4 @@
-"""Export to PyTorch, ONNX and INT8 (DESIGN §5).
+"""Export to PyTorch, ONNX and INT8: the way from a training run to phones.
 
 - `torch_model`: a PyTorch mirror of every trained module and the sampler; imports no JAX, so it
   runs (and can be copied) into a torch-only project. `load_exported(folder)` loads an export.

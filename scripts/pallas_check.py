@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from microforge_jax.models import pallas_scan  # noqa: E402
+from microforge_jax.kernels import pallas_scan  # noqa: E402
 from microforge_jax.models import scan as scan_lib  # noqa: E402
 
 SWEEP = "16:32:4,8:16:1,8:64:4,4:32:2"  # chunk:block_d:num_warps

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from microforge_jax.models import pallas_scan
+from microforge_jax.kernels import pallas_scan
 from microforge_jax.models import scan as scan_lib
 
 ARGNAMES = "u delta A B C D".split()

@@ -5,12 +5,12 @@
         [--bissm-forms native,sequential,chunked,associative,torch,torch-native]
         [--bissm-max-gb 8]
 
-`--bissm-forms` also takes `pallas` (the fused kernel, `models/pallas_scan.py`); it runs on GPU only
+`--bissm-forms` also takes `pallas` (the fused kernel, `kernels/pallas_scan.py`); it runs on GPU only
 (on CPU it would be the Pallas interpreter, so its rows are skipped there) and is not a default.
 
 tiny's width (dim 256 -> inner 512, N = 16, dt rank 16, 3x3 depthwise conv), batch `--bissm-batch`
 (2 by default; the scan sees 2 x batch rows, both directions stacked), L tokens on a square grid.
-Forms: JAX `native` (the fused C++ kernel, `models/native_scan.py`: what `auto` picks on CPU),
+Forms: JAX `native` (the fused C++ kernel, `kernels/native_scan.py`: what `auto` picks on CPU),
 `sequential` (`lax.scan`, the CPU fallback), `associative`, `chunked` (chunk 8), and the PyTorch mirror (`export/torch_model.py`: its eager form, a loop over tokens
 in blocks with a hand-written backward; the static chunked form is only for export) and `torch-native`,
 the mirror on the same C++ kernel as JAX's `native` (`export/torch_native_scan.py`, CPU; the one
@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from microforge_jax.models import native_scan
+from microforge_jax.kernels import native_scan
 from microforge_jax.models.scan import auto_impl
 
 DIM, EXPAND, STATE, CHUNK = 256, 2, 16, 8

@@ -1,7 +1,7 @@
 """JAX vs the PyTorch mirror, side by side in one process: guided sampling (one flow train step: `train_step.py`).
 
 Both sides run the same model with the same weights: random JAX parameters, every leaf redrawn
-from a non-degenerate distribution (DESIGN §7: zero-initialised gates would make the backbone an
+from a non-degenerate distribution (zero-initialised gates would make the backbone an
 identity and any comparison vacuous), converted with `export.convert.jax_to_torch` into
 `export.torch_model`. On CPU the JAX model's scan is the compiled C++ kernel (`scan_impl="auto"`),
 and the torch side is timed both with its own eager scan (the token loop) and with the same kernel
@@ -41,7 +41,7 @@ from microforge_jax.bench.sampling import _fake_text
 from microforge_jax.config import ModelConfig
 from microforge_jax.export import convert
 from microforge_jax.export import torch_model as tm
-from microforge_jax.models import native_scan
+from microforge_jax.kernels import native_scan
 from microforge_jax.models.denoiser import Text, build_denoiser
 from microforge_jax.models.vae import build_vae, map_slices
 

@@ -40,7 +40,7 @@ images = model.generate(["a red circle"], steps=20, cfg=4.0, seed=0)  # uint8 (N
 ```
 
 Denoiser weights: stage "{stage}" of the run{distilled}. Lower level:
-`model.sample(text, uncond, noise, scale, steps, sampler="euler" | "consistency", generator=None, step_noise_SxBxCxhxw=None)`
+`model.sample(text, uncond, noise, scale, steps, sampler="euler" | "heun" | "dpm++2m" | "consistency", generator=None, step_noise_SxBxCxhxw=None)`
 with `text = model.text_encoder.encode(prompts)`;
 `model.vae.encode / decode` (NCHW images in [-1, 1]); `model.denoiser(z, t, tokens, mask, pooled, prev_plan,
 has_prev, task, source) -> (velocity, plan)`. Latents are NCHW in the backbone's normalised space
@@ -226,7 +226,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
             )
 
 
-def main(argv: list[str]) -> int:
+def export(argv: list[str]) -> int:
+    """Parses the flags, then exports (raises on bad input; `main` makes that one line)."""
     parser = argparse.ArgumentParser(prog="python -m microforge_jax.export", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="the run directory (train.py --workdir)")
     parser.add_argument("--out", required=True, help="the export folder (must be empty or absent, unless --force)")
@@ -244,5 +245,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python -m microforge_jax.export` and `microforge-export`: a user error is one line, exit code 2."""
+    return run(export, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The compiled C++ CPU selective scan (`models/native_scan.cc`) as a PyTorch autograd function.
+"""The compiled C++ CPU selective scan (`kernels/native_scan.cc`) as a PyTorch autograd function.
 
 The JAX model runs this kernel on CPU through the XLA FFI; here the same library is called with
 ctypes on contiguous fp32 CPU tensors, so the benchmark's PyTorch side can use it too (set
@@ -14,7 +14,7 @@ import ctypes
 import torch
 
 from microforge_jax.export import torch_model
-from microforge_jax.models import native_scan
+from microforge_jax.kernels import native_scan
 
 _i64 = ctypes.c_int64
 

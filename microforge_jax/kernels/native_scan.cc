@@ -1,5 +1,5 @@
 // The Mamba-1 selective scan as one fused CPU kernel per pass, called from JAX through the XLA FFI
-// (`native_scan.py` builds and loads it; DESIGN §2 "Selective scan" has the equations).
+// (`native_scan.py` builds and loads it; `scan.py` holds the reference forms it must match).
 //
 //   a_t = exp(delta_t * A)    h_t = a_t * h_{t-1} + delta_t * u_t * B_t    y_t = sum_n h_t * C_t
 //

@@ -156,7 +156,7 @@ def threads() -> int:
 def chunk_for(n: int, din: int) -> int:
     """Tokens per recomputed chunk: its states and decays (2 T N Din floats) take ~1 MiB (L2).
 
-    Measured with the kernel alone, one thread, T = 4 / 8 / 16 / 32 (2-core AMD EPYC, session 10):
+    Measured with the kernel alone, one thread, T = 4 / 8 / 16 / 32 (2-core AMD EPYC, 2026-11-27):
     backward 44.7 / 30.1 / 28.8 / 30.9 ms at (Bt, L, Din, N) = (4, 1024, 512, 16) and 21.4 / 18.6 /
     17.9 / 17.3 ms at (64, 64, 256, 16); keeping the decays beat recomputing them (1.0-1.15x).
     """

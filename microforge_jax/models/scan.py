@@ -1,4 +1,4 @@
-"""The Mamba-1 selective scan, four ways behind one function (DESIGN §2 "Selective scan").
+"""The Mamba-1 selective scan, four ways behind one function (plus the native and Pallas kernels).
 
     a_t = exp(delta_t * A)          b_t = delta_t * B_t * u_t
     h_t = a_t * h_{t-1} + b_t       y_t = sum_n h_t * C_t + D * u_t
@@ -11,10 +11,10 @@
 - "chunked": `lax.scan` over chunks of `chunk` tokens with an associative scan inside each chunk
   and the state carried across chunks; a `custom_vjp` keeps only the chunk-start states and
   recomputes each chunk in the backward pass, so no (Bt, L, N, Din) tensor exists in either pass.
-- "native": one fused C++ kernel per pass on CPU (`native_scan.py`, called through the XLA FFI,
+- "native": one fused C++ kernel per pass on CPU (`kernels/native_scan.py`, called through the XLA FFI,
   compiled on first use): each token's update is one pass over the cache-resident state, and the
   backward recomputes chunks from saved chunk-start states. The default on CPU where a compiler works.
-- "pallas": one fused Pallas kernel per pass (`pallas_scan.py`: Triton on GPU, the Pallas
+- "pallas": one fused Pallas kernel per pass (`kernels/pallas_scan.py`: Triton on GPU, the Pallas
   interpreter on CPU, where it is only for tests): the state stays in registers, each input is
   read once, the backward recomputes chunks from saved chunk-start states.
 
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from microforge_jax.models import native_scan, pallas_scan
+from microforge_jax.kernels import native_scan, pallas_scan
 
 IMPLS = ("auto", "associative", "chunked", "sequential", "native", "pallas")
 
@@ -39,7 +39,7 @@ IMPLS = ("auto", "associative", "chunked", "sequential", "native", "pallas")
 def auto_impl(backend: str | None = None) -> str:
     """The scan form "auto" resolves to on `backend` (default: `jax.default_backend()`).
 
-    CPU: "native" on one device where the C++ kernel builds (session 10, 2-core AMD EPYC, quiet: 2.4x
+    CPU: "native" on one device where the C++ kernel builds (2-core AMD EPYC, 2026-11-27, quiet: 2.4x
     the sequential form forward and 6.3x forward+backward at (4, 1024, 512, 16); BENCHMARKS.md), else
     "sequential".
     Before the kernel: `python -m microforge_jax.bench.scan` (2-core Xeon, 2026-11-26): fastest

@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "microforge_jax"
+CONFIGS = ROOT / "configs"
 SCRIPTS = {
     "microforge-train": "microforge_jax.commands.train:main",
     "microforge-sample": "microforge_jax.commands.sample:main",
@@ -31,7 +32,8 @@ def wheel(tmp_path_factory) -> Path:
     src = tmp / "src"
     src.mkdir()
     shutil.copy(ROOT / "pyproject.toml", src)
-    shutil.copytree(PACKAGE, src / PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
+    for folder in (PACKAGE, CONFIGS):
+        shutil.copytree(folder, src / folder.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
     cmd = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "--no-index"]
     r = subprocess.run([*cmd, "-w", str(tmp / "dist")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -40,14 +42,19 @@ def wheel(tmp_path_factory) -> Path:
 
 
 def test_wheel_holds_every_module_and_the_kernel_source(wheel):
-    expected = {p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
+    expected = {
+        p.relative_to(ROOT).as_posix()
+        for folder in (PACKAGE, CONFIGS)
+        for p in folder.rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
     expected.add("microforge_jax/kernels/native_scan.cc")
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         (entry_points,) = (n for n in names if n.endswith(".dist-info/entry_points.txt"))
         parser = configparser.ConfigParser()
         parser.read_string(z.read(entry_points).decode())
-    assert {n for n in names if n.startswith("microforge_jax/")} == expected
+    assert {n for n in names if n.startswith(("microforge_jax/", "configs/"))} == expected
     assert dict(parser["console_scripts"]) == SCRIPTS
 
 
@@ -66,6 +73,7 @@ def test_installed_console_scripts_run(wheel, tmp_path):
         assert r.returncode == 0 and "usage:" in r.stdout, (script, r.stderr)
     r = run(str(bin_dir / "microforge-train"), "--config", "nanoo")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert "nano" in r.stderr and "tiny" in r.stderr  # the installed configs are found (outside the repository)
     code = "from microforge_jax.kernels import native_scan as k; print(k.SOURCE.is_file(), k.SOURCE.parent.parent)"
     r = run(str(python), "-c", code)
     assert r.returncode == 0, r.stderr

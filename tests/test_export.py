@@ -6,7 +6,6 @@ jax cannot be imported.
 """
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -54,7 +53,6 @@ B, H, W, C, K, D, M = 2, 16, 24, 4, 4, 64, 16  # a 4x6 latent grid: non-square, 
 PROMPTS = ["a dot", "a blue star on a green square"]  # padded, and truncated
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5
-HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
 
 def t(x) -> torch.Tensor:
@@ -337,7 +335,8 @@ def test_backbone_velocity_parity(task, velocity_fn, text, model, relerr):
 
 
 # One compile for several ablations (A1 no planner, A2 attention mixer, A6 full adaLN, no positions,
-# no SharedMQA application); A4 (no depthwise conv) is the BiSSM with `u = x`, not compiled here.
+# no SharedMQA application); A3 (no SharedMQA, which TINY applies after every block) and A4 (no
+# depthwise conv: the BiSSM scans `u = x`), each alone on TINY.
 ABLATIONS = {
     "A1 A2 A6": [
         "model.backbone.use_planner=false",
@@ -346,7 +345,11 @@ ABLATIONS = {
         "model.backbone.pos_embed=none",
         "model.backbone.shared_attn_every=3",  # depth 2 < 3: the shared block is never applied
     ],
+    "A3": ["model.backbone.use_shared_attn=false"],
+    "A4": ["model.backbone.use_dwconv=false"],
 }
+# A parameter name each ablation must remove (so the override did take effect).
+ABLATED_NAMES = {"A1 A2 A6": "planner", "A3": "shared_mqa", "A4": "fwd_conv"}
 
 
 @pytest.mark.parametrize("ablation", list(ABLATIONS))
@@ -359,6 +362,8 @@ def test_ablated_denoisers_match(ablation, redraw, text, relerr):
     dparams = abstract_init(
         lambda: den.init(jax.random.key(0), z, tt, text[0], prev_plan_BxKxD=jnp.zeros((B, K, D))), 4, redraw
     )
+    names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(dparams)]
+    assert not [n for n in names if ABLATED_NAMES[ablation] in n]
     v_j, plan_j = jax.jit(lambda p: den.apply({"params": p}, z, tt, text[0]))(dparams)
     spread(v_j)
     m = tm.Denoiser(dataclasses.asdict(cfg)).eval()
@@ -495,7 +500,8 @@ def test_torch_sampler_matches_jax_sampler(cfg, params, text, model):
     mse = np.mean((nhwc(images_t).astype(np.float64) - images_j) ** 2)
     psnr = 10 * np.log10(4.0 / max(mse, 1e-20))  # images span [-1, 1]: peak-to-peak 2
     print(f"sampler PSNR torch vs jax: {psnr:.1f} dB")
-    assert psnr >= 40
+    # Measured 111.1 dB here (109.5-116.1 over other noise seeds and 8 steps): fp32 rounding only.
+    assert psnr >= 100
 
 
 def test_torch_consistency_sampler_matches_jax_sampler(cfg, params, text, model, relerr):
@@ -521,7 +527,8 @@ def test_torch_consistency_sampler_matches_jax_sampler(cfg, params, text, model,
     psnr = 10 * np.log10(4.0 / max(mse, 1e-20))  # images span [-1, 1]: peak-to-peak 2
     err = relerr(nhwc(z_t), jax_out.latent_BxhxwxC)
     print(f"consistency sampler torch vs jax: PSNR {psnr:.1f} dB, final latent {err:.1e}")
-    assert psnr >= 40 and err <= 1e-4
+    # Measured 107.9 dB and 1.3e-5: fp32 rounding only.
+    assert psnr >= 95 and err <= 1e-4
 
     # Drawn from a generator instead: reproducible by its seed.
     def drawn(seed: int) -> torch.Tensor:
@@ -534,7 +541,31 @@ def test_torch_consistency_sampler_matches_jax_sampler(cfg, params, text, model,
     with pytest.raises(ValueError, match="step noise must have shape"):
         model.sample(torch_text(cond), None, nchw(noise), 1.0, 2, **kw)
     with pytest.raises(ValueError, match="unknown sampler"):
-        model.sample(torch_text(cond), None, nchw(noise), 1.0, 2, sampler="heun")
+        model.sample(torch_text(cond), None, nchw(noise), 1.0, 2, sampler="bogus")
+
+
+@pytest.mark.parametrize("rule", ["heun", "dpm++2m"])
+def test_torch_second_order_samplers_match_jax_sampler(rule, cfg, params, text, model, relerr):
+    """Heun (2S - 1 guided evaluations, the plan threaded through them) and DPM-Solver++(2M) (the
+    previous x0 carried) on a shifted grid: the same noise gives the same latent and images. Four
+    steps: with three from t = 1, DPM-Solver++(2M) has no second-order step and is Euler."""
+    cond, uncond = text
+    steps, shift = 4, 2.0
+    noise = sampling.initial_noise(0, B, (H // 4, W // 4), C)
+    sampler = sampling.make_sampler(cfg, steps, shift=shift, step_fn=sampling.step_rule(rule)[0])
+    jax_out = sampler(params, cond, uncond, noise, 3.0)
+    spread(jax_out.images_BxHxWx3, 0.05)
+    args = (torch_text(cond), torch_text(uncond), nchw(noise), 3.0, steps)
+    images_t, z_t = model.sample(*args, shift=shift, sampler=rule)
+    _, z_euler = model.sample(*args, shift=shift)
+    err_z = relerr(nhwc(z_t), jax_out.latent_BxhxwxC)
+    err_images = relerr(nhwc(images_t), jax_out.images_BxHxWx3)
+    from_euler = relerr(nhwc(z_t), nhwc(z_euler))
+    print(f"{rule} sampler torch vs jax: latent {err_z:.1e}, images {err_images:.1e}; Euler {from_euler:.1e} away")
+    assert from_euler > 1e-1  # the rule is not Euler's (0.48 Heun, 0.30 DPM-Solver++(2M))
+    # Measured 0.6-2.5e-5 (latent and images, noise seeds 0 and 1, 3 and 4 steps); Euler's own
+    # parity is 0.8-1.7e-5 on the same inputs: fp32 rounding through the network.
+    assert err_z <= 1e-4 and err_images <= 1e-4
 
 
 def test_hf_text_encoder_matches_jax_minilm(relerr):
@@ -575,8 +606,8 @@ def exported(tmp_path_factory, config, params):
     """Two exports through the CLI: the simple-encoder run with ONNX + INT8, and a MiniLM run."""
     root = tmp_path_factory.mktemp("export")
     write_run(root / "run", config, params)
-    onnx = ["--onnx", "--int8"] if HAVE_ONNX else []  # without them the ONNX test skips, the rest runs
-    assert cli.run(export_main, ["--workdir", str(root / "run"), "--out", str(root / "out"), *onnx]) == 0
+    # requirements.txt installs onnx and onnxruntime: without them this export fails, and so do its tests.
+    assert cli.run(export_main, ["--workdir", str(root / "run"), "--out", str(root / "out"), "--onnx", "--int8"]) == 0
     # The MiniLM run (text width 384): parameters drawn in torch and mapped back, no JAX init needed.
     mini = load_config("nano", [o for o in TINY if not o.startswith("model.text")] + ["model.text.max_length=16"])
     mini_model = tm.MicroForgeTorch(export_config(mini))
@@ -590,7 +621,7 @@ def test_cli_writes_the_folder(exported, model):
     out = exported / "out"
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "README.md"} <= names and "text_encoder" not in names
-    assert ("onnx" in names) == HAVE_ONNX
+    assert "onnx" in names
     exported_cfg = json.loads((out / "config.json").read_text())
     assert exported_cfg["latent"] == {"scaling_factor": 0.5, "shift_factor": 0.2}
     assert exported_cfg["text_encoder"]["encoder"] == "simple"
@@ -717,8 +748,6 @@ def test_exported_folder_samples_in_a_process_without_jax(exported, model, text,
 
 
 def test_onnx_graphs_match_torch(exported, model, relerr):
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
     from microforge_jax.export.onnx_export import example_inputs, run_onnx
 
     onnx_dir = exported / "out" / "onnx"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from microforge_jax.config import BackboneConfig
-from microforge_jax.models import native_scan
+from microforge_jax.kernels import native_scan
 from microforge_jax.models import scan as scan_lib
 from microforge_jax.models.ssm import BiSSM, SelectiveSSM, depthwise_conv2d
 from microforge_jax.models.zigzag import PATHS, inverse, permute, zigzag_path
@@ -258,9 +258,9 @@ def test_zigzag_paths_are_bijections(hw):
 
 
 def test_mamba_parity_with_transformers(relerr):
-    torch = pytest.importorskip("torch")
-    modeling = pytest.importorskip("transformers.models.mamba.modeling_mamba")
+    import torch
     from transformers import MambaConfig
+    from transformers.models.mamba import modeling_mamba as modeling
 
     torch.manual_seed(0)
     tcfg = MambaConfig(

@@ -1,7 +1,8 @@
 """Text encoders: PyTorch parity (BERT, CLIP text), the real MiniLM, loading errors, prompts, SimpleTextEncoder, cache.
 
 torch is only a test dependency here: the reference models are transformers' PyTorch ones, saved with
-`save_pretrained` and loaded back by our loader (so parity also covers the checkpoint mapping).
+`save_pretrained` and loaded back by our loader (so parity also covers the checkpoint mapping). The
+tests that need torch import it themselves, so the one about running without torch runs without it.
 """
 
 from __future__ import annotations
@@ -13,19 +14,21 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 
 from microforge_jax import text as T
 from microforge_jax.config import TextConfig
 from microforge_jax.models import text as mt
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -33,6 +36,8 @@ TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_lay
 
 def _redraw_torch(model: torch.nn.Module, seed: int) -> None:
     """Non-degenerate weights (HF's std-0.02 init makes attention nearly uniform): DESIGN §7."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -66,6 +71,8 @@ def bert_folder(tmp_path_factory):
 
 
 def test_bert_parity_with_padding(bert_folder, relerr):
+    import torch
+
     folder, model = bert_folder
     rng = np.random.default_rng(0)
     lengths = np.array([12, 7, 3, 12])
@@ -94,6 +101,8 @@ def clip_folder(request, tmp_path_factory):
 
 
 def test_clip_parity_hidden_and_pooled(clip_folder, relerr):
+    import torch
+
     folder, model, eos_cfg = clip_folder
     rng = np.random.default_rng(1)
     lengths = np.array([16, 9, 2, 5])  # 2: the empty prompt, BOS EOS
@@ -125,6 +134,8 @@ def test_clip_parity_hidden_and_pooled(clip_folder, relerr):
 
 def test_full_clip_model_folder_loads_text_tower(tmp_path, relerr):
     """A CLIPModel folder (CLIP-L's layout): `text_model.` prefix, vision tower and projections ignored."""
+    import torch
+
     text = dict(max_position_embeddings=16, bos_token_id=98, eos_token_id=50, pad_token_id=1, **TINY)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32)
     cfg = transformers.CLIPConfig(text_config=text, vision_config={**vision, "patch_size": 16}, projection_dim=16)
@@ -196,6 +207,8 @@ def minilm():
 
 
 def test_minilm_matches_pytorch_sentence_embeddings(minilm, relerr):
+    import torch
+
     folder = str(minilm.folder)
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     model = transformers.AutoModel.from_pretrained(folder).eval()

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import types
 
 import jax
 import numpy as np
@@ -417,3 +418,163 @@ def test_edit_step_generate_term_trains_text_to_image_on_the_targets(redraw, rel
     other_caption = with_gen({**batch, "gen_text_pooled": arr(b, e), "gen_text_tokens": arr(b, m, e)})
     assert float(other_caption["train/generate_loss"]) != float(m1["train/generate_loss"])
     assert float(other_caption["train/flow_loss"]) == float(m1["train/flow_loss"])
+
+
+# ----------------------------------------------------------------------------- the flow step's batch split
+
+# A stand-in denoiser makes what the step hands the model observable (and costs no model compile):
+# caption dropout, the self-conditioning pass, the diversity term and the EMA, on a batch large
+# enough for binomial bounds on the dropped / self-conditioned fractions.
+PROBE_B, PROBE_M, PROBE_E, PROBE_K, PROBE_D = 4096, 3, 4, 2, 3
+
+
+class _ProbeDenoiser:
+    """Two scalar parameters: the first pass's plan is `a * tokens[:, :K, :D]`, the main pass's plan
+    `b * tokens[:, :K, :D]` plus the previous plan where `has_prev`, its velocity `b * z_t` plus the
+    plan's mean. `a` reaches the loss only through the previous plan. Each call records its inputs."""
+
+    def __init__(self):
+        self.cfg = types.SimpleNamespace(backbone=types.SimpleNamespace(use_planner=True))
+        self.calls: list[tuple[str, dict]] = []
+
+    def plan(self, *args, **kwargs):  # only passed as `method=` to `apply`
+        raise NotImplementedError
+
+    def _record(self, kind: str, **arrays) -> None:
+        jax.debug.callback(lambda **xs: self.calls.append((kind, {k: np.asarray(x) for k, x in xs.items()})), **arrays)
+
+    def apply(self, params, z_t, t, text, *, method=None, prev_plan_BxKxD=None, has_prev_B=None, **_):
+        import jax.numpy as jnp
+
+        seen = {"tokens": text.tokens, "mask": text.mask, "pooled": text.pooled}
+        base = text.tokens[:, :PROBE_K, :PROBE_D]
+        if method is not None:
+            plan = params["a"] * base
+            self._record("first", plan=plan, **seen)
+            return plan
+        prev = jnp.where(has_prev_B[:, None, None], prev_plan_BxKxD, 0.0)
+        plan = params["b"] * base + prev
+        self._record("main", plan=plan, prev=prev_plan_BxKxD, has_prev=has_prev_B, **seen)
+        return params["b"] * z_t + plan.mean((1, 2))[:, None, None, None], plan
+
+
+@pytest.fixture(scope="module")
+def probed_steps():
+    """Three jitted flow steps of the probe: (what each step's calls saw, batch, empty text, hp,
+    states, metrics per step)."""
+    import jax.numpy as jnp
+    import ml_collections
+
+    from microforge_jax import optim, train_steps
+    from microforge_jax.models.denoiser import Text
+
+    config = _config("train.flow.warmup_steps=0")
+    hp = ml_collections.ConfigDict({**config.train.flow.to_dict(), "ema_decay": 0.999})
+    assert (hp.caption_dropout, hp.self_cond_prob) == (0.1, 0.5)
+    rng = np.random.default_rng(0)
+    arr = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    b, m, e = PROBE_B, PROBE_M, PROBE_E
+    batch = {
+        "latent_mean": arr(b, 2, 2, 1), "latent_logvar": jnp.full((b, 2, 2, 1), -2.0),
+        "text_tokens": arr(b, m, e), "text_mask": jnp.ones((b, m), bool), "text_pooled": arr(b, e),
+    }  # fmt: skip
+    empty = Text(arr(1, m, e), jnp.asarray([[True, True, False]]), arr(1, e))
+    probe, tx = _ProbeDenoiser(), optim.make_optimizer(hp)
+    spec = train_steps.FlowStep(probe, None, tx, hp, diversity_weight=0.01)
+    params = {"denoiser": {"a": jnp.float32(0.7), "b": jnp.float32(0.3)}}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "ema_params": params, "opt_state": tx.init(params)}
+    step = jax.jit(lambda s, bt, r, f: train_steps.flow_train_step(spec, s, bt, r, f))
+    states, metrics, seen = [state], [], []
+    for _ in range(3):
+        state, metric = step(state, batch, jax.random.key(5), {"vae": None, "empty_text": empty})
+        states.append(jax.device_get(state))
+        metrics.append(jax.device_get(metric))
+        jax.effects_barrier()
+        assert sorted(kind for kind, _ in probe.calls) == ["first", "main"]  # one pass each
+        seen.append(dict(probe.calls))
+        probe.calls.clear()
+    return seen, jax.device_get(batch), jax.device_get(empty), hp, states, metrics
+
+
+def _within_binomial(count: int, n: int, p: float) -> bool:
+    return abs(count - n * p) <= 4.0 * np.sqrt(n * p * (1.0 - p))  # 4 sigma: fails with probability 6e-5
+
+
+def test_caption_dropout_gives_the_dropped_rows_exactly_the_empty_prompt(probed_steps):
+    steps, batch, empty, hp, _, _ = probed_steps
+    dropped_rows = []
+    for calls in steps:
+        seen = calls["main"]
+        for key in ("tokens", "mask", "pooled"):  # the self-conditioning pass sees the same text
+            np.testing.assert_array_equal(calls["first"][key], seen[key])
+        rows = lambda x: x.reshape(len(x), -1)  # the empty prompt's one row broadcasts
+        is_empty = {k: (rows(seen[k]) == rows(getattr(empty, k))).all(1) for k in ("tokens", "mask", "pooled")}
+        is_caption = {k: (rows(seen[k]) == rows(batch[f"text_{k}"])).all(1) for k in ("tokens", "mask", "pooled")}
+        dropped = is_empty["tokens"]
+        for k in ("tokens", "pooled"):  # every row is wholly its caption or wholly the empty prompt
+            np.testing.assert_array_equal(is_empty[k], dropped)
+            np.testing.assert_array_equal(is_caption[k], ~dropped)
+        np.testing.assert_array_equal(is_empty["mask"], dropped)  # the captions' masks are all True
+        count = int(dropped.sum())
+        print(f"caption dropout {hp.caption_dropout}: {count} of {PROBE_B} rows dropped")
+        assert _within_binomial(count, PROBE_B, hp.caption_dropout)
+        dropped_rows.append(dropped)
+    assert not np.array_equal(dropped_rows[0], dropped_rows[1])  # drawn afresh at each step
+
+
+def test_self_conditioning_feeds_the_stopped_first_pass_to_the_has_prev_rows(probed_steps):
+    steps, _, _, hp, states, _ = probed_steps
+    for calls in steps:
+        # The previous plan is the first pass's (of each row, with no previous plan of its own) ...
+        np.testing.assert_array_equal(calls["main"]["prev"], calls["first"]["plan"])
+        has_prev = calls["main"]["has_prev"]
+        assert has_prev.dtype == bool
+        count = int(has_prev.sum())
+        print(f"self-conditioning {hp.self_cond_prob}: {count} of {PROBE_B} rows given a previous plan")
+        assert _within_binomial(count, PROBE_B, hp.self_cond_prob)
+    # ... behind a stopped gradient: `a` reaches the loss only through it, so Adam never moves it.
+    for before, after in zip(states[:-1], states[1:], strict=True):
+        assert after["params"]["denoiser"]["a"] == before["params"]["denoiser"]["a"]
+        assert after["params"]["denoiser"]["b"] != before["params"]["denoiser"]["b"]
+
+
+def test_plan_diversity_term_is_the_hand_computed_one(probed_steps):
+    """Mean squared cosine similarity between the distinct plan tokens of each row, weighted into the loss."""
+    steps, *_, metrics = probed_steps
+    for calls, metric in zip(steps, metrics, strict=True):
+        plan = calls["main"]["plan"].astype(np.float64)
+        unit = plan / (np.linalg.norm(plan, axis=-1, keepdims=True) + 1e-6)
+        pairs = [(i, j) for i in range(PROBE_K) for j in range(PROBE_K) if i != j]
+        want = sum((row[i] @ row[j]) ** 2 for row in unit for i, j in pairs) / (PROBE_B * len(pairs))
+        err = abs(float(metric["train/plan_diversity"]) - want) / want
+        print(f"plan diversity {want:.6f}, the step's differs by {err:.1e}")
+        assert err <= 1e-6  # 2e-8 measured
+        want_loss = metric["train/flow_loss"] + 0.01 * want
+        np.testing.assert_allclose(metric["train/loss"], want_loss, rtol=1e-6)
+
+
+def test_plan_diversity_loss_of_known_plans():
+    """Four tokens (12 ordered pairs) in 4-d, where the squared cosines are known by hand."""
+    from microforge_jax.models.planner import plan_diversity_loss
+
+    e = np.eye(4, dtype=np.float32)
+    angle = np.pi / 3  # cos^2 = 1/4
+    cases = {
+        "orthogonal": (5.0 * e, 0.0),
+        "two pairs": (np.stack([e[0], 3.0 * e[0], e[1], -e[1]]), 4 / 12),  # cos^2 = 1 in 4 ordered pairs
+        "60 degrees": (np.stack([2.0 * e[0], np.cos(angle) * e[0] + np.sin(angle) * e[1], e[2], e[3]]), 0.5 / 12),
+        "collapsed": (np.tile([[1.0, -2.0, 3.0, 0.5]], (4, 1)), 1.0),
+    }
+    loss = jax.jit(plan_diversity_loss)
+    for name, (plan, want) in cases.items():
+        np.testing.assert_allclose(float(loss(plan[None].astype(np.float32))), want, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_flow_step_ema_is_the_running_mean_of_the_updated_parameters(probed_steps):
+    """From a step-0 state, the EMA after k steps is the mean of the k updated parameters (warm-up)."""
+    *_, states, _ = probed_steps
+    values = [float(s["params"]["denoiser"]["b"]) for s in states[1:]]
+    assert len(set(values)) == 3
+    for k, s in enumerate(states[1:], start=1):
+        np.testing.assert_allclose(s["ema_params"]["denoiser"]["b"], np.mean(values[:k], dtype=np.float64), rtol=1e-6)
+    assert states[1]["ema_params"]["denoiser"]["b"] == values[0]  # the first update replaces the init exactly

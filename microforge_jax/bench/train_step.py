@@ -110,7 +110,7 @@ class TorchFlowStep:
         for group in self.opt.param_groups:
             group["lr"] = lr * group["lr_mult"]
         self.opt.step()
-        d = min(hp.ema_decay, (1.0 + self.step_count) / (10.0 + self.step_count))
+        d = min(hp.ema_decay, self.step_count / (1.0 + self.step_count))  # optim.ema_decay
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, self.params, 1.0 - d)
         self.step_count += 1

@@ -24,10 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
     m.latent_channels = 32  # C of the VAE latent
 
     m.vae = v = ml_collections.ConfigDict()
-    v.channels = (128, 256, 512, 512)  # stage widths, shallow to deep (the seed's lists)
+    v.channels = (128, 256, 512, 512)  # stage widths, shallow to deep (the original design's lists)
     v.downsample_factor = 32  # spatial compression; the last width repeats for extra stages
     v.encoder_blocks = 1  # residual blocks per encoder stage
-    v.decoder_blocks = 3  # residual blocks per decoder stage (the seed's sizes: 110M for base)
+    v.decoder_blocks = 3  # residual blocks per decoder stage (the original design's sizes: 110M for base)
     v.scaling_factor = 1.0  # latent scale, measured after the VAE stage: z' = (z - shift) * scale
     v.shift_factor = 0.0  # latent shift, measured after the VAE stage
     # "dc": the deep-compression VAE above; "pixel": no autoencoder, the flow runs on the image itself
@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
     # With prediction "x" and a source (edit / inpaint / SR): the clean target is predicted as source +
     # the network's output, so copying the unedited rest of the image is the zero output
     b.source_residual = False
-    # Ablations from the seed (section 10).
+    # Ablations (numbered as in the original design).
     b.use_planner = True  # A1: False removes the Recurrent Latent Planner
     b.mixer = "bissm"  # A2: "attention" replaces the BiSSM by full self-attention
     b.use_shared_attn = True  # A3: False removes the SharedMQA block
@@ -109,7 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample_cfg = 3.0  # guidance scale of those grids
     c.sample_vae_tile = 0  # VAE decode in overlapping tiles of this many latent cells (less memory); 0: whole latent
     # Compile the sampler for a lower peak on CPU (sampling.LOW_MEMORY_COMPILER_OPTIONS; ignored on GPU/TPU):
-    # bit-identical images, the same speed and compile time (BENCHMARKS.md, "Peak memory"); runs saved
+    # bit-identical images, the same speed and compile time (BENCHMARKS.md, `bench.memory`); runs saved
     # before it became the default keep False.
     c.sample_low_memory = True
     # ShapesEval of the finished run (held-out prompts, VAE PSNR, recolour edits; eval.json);
@@ -131,7 +131,7 @@ def get_config() -> ml_collections.ConfigDict:
     v.grad_clip = 2.0
     v.ema_decay = 0.999
     v.l1_weight = 1.0
-    v.kl_weight = 1e-6  # small: a KL too strong blurs the VAE (seed section 9)
+    v.kl_weight = 1e-6  # small: a KL too strong blurs the VAE (a failure mode the original design names)
     # "gradient": multi-scale image-gradient L1, a substitute (LPIPS needs VGG weights we cannot fetch);
     # "lpips": LPIPS-VGG from lpips_weights (one safetensors file; see microforge_jax/lpips.py)
     v.perceptual = "gradient"
@@ -150,8 +150,8 @@ def get_config() -> ml_collections.ConfigDict:
     f.lr = 1e-4
     f.warmup_steps = 1000
     f.weight_decay = 0.01
-    f.grad_clip = 2.0  # seed section 9
-    f.ssm_lr_mult = 0.5  # a separate (lower) learning rate for the SSM parameters (seed section 9)
+    f.grad_clip = 2.0  # clip by global norm (one of the original design's failure-mode fixes)
+    f.ssm_lr_mult = 0.5  # a separate (lower) learning rate for the SSM parameters (the original design's fix)
     f.ema_decay = 0.999
     f.time_sampling = "logit_normal"  # "uniform" or "logit_normal"
     f.time_mean = 0.0
@@ -171,12 +171,18 @@ def get_config() -> ml_collections.ConfigDict:
     # uniform loss is mostly background; the weight depends on the caption alone, so it keeps the
     # conditional flow's minimiser.
     f.object_cell_weight = 1.0
+    # Shapes world only: attribute alignment (REPA-style, with the world's free labels as the teacher):
+    # a training-only probe on the tokens after block `attribute_block` predicts the shape and colour of
+    # the object in each token's 3x3-grid cell; its cross-entropy times this weight joins the loss
+    # (0: off). It puts shape, which moves few pixels of the flow loss, into the backbone's features.
+    f.attribute_weight = 0.0
+    f.attribute_block = 1
 
     tr.edit = e = ml_collections.ConfigDict()
     e.steps = 20_000
     e.batch_size = 32
     e.grad_accum = 1  # micro-batches per step
-    e.lr = 1e-5  # all parameters at a low learning rate (seed section 7)
+    e.lr = 1e-5  # all parameters at a low learning rate (the original design's curriculum)
     e.warmup_steps = 500
     e.weight_decay = 0.01
     e.grad_clip = 2.0
@@ -192,7 +198,7 @@ def get_config() -> ml_collections.ConfigDict:
     e.task_weights = (1.0, 1.0, 1.0)  # edit, inpaint, sr
     # Weight of a text-to-image loss on the same step's targets under their captions (0: off), against
     # forgetting generation while all weights fine-tune on edits. Nano (100 edit steps, weight 0.5)
-    # measured no gain over 0 (BENCHMARKS.md, "Flow recipe trials"); meant for long edit stages.
+    # measured no gain over 0 (docs/experiments.md, "Editing"); meant for long edit stages.
     e.generate_weight = 0.0
 
     # Stage 4 (opt-in: add "distill" to `stages`): text -> image flow training plus a distillation

@@ -55,6 +55,9 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 # The order is also the trainer's rng stream per stage (`fold_in(seed, index)`): append, never reorder.
 STAGES: tuple[str, ...] = ("vae", "flow", "edit", "distill", "consistency")
+# A named parameter tree that only training uses (the attribute-alignment probe): in checkpoints,
+# never in what `load_run` returns, so sampling and export see the model alone.
+ATTRIBUTE_HEAD = "attribute_head"
 # Stages whose `ema_params` is a dict of named model trees, merged into `params` in this order
 # (the latest distilled weights win); also where `init_from` looks for a denoiser.
 DENOISER_STAGES: tuple[str, ...] = ("flow", "edit", "distill", "consistency")
@@ -519,5 +522,5 @@ def load_run(workdir: str | os.PathLike) -> tuple[ml_collections.ConfigDict, dic
                 raise RunError(
                     f"checkpoint {root / stage / str(steps[stage])}: ema_params is not a dict of named models"
                 )
-            params.update(named)
+            params.update({k: v for k, v in named.items() if k != ATTRIBUTE_HEAD})
     return config, params

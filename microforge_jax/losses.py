@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from microforge_jax.models import layers
 
@@ -89,3 +90,46 @@ def hinge_d_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
 def hinge_g_loss(fake_logits: jax.Array) -> jax.Array:
     """The generator's (VAE decoder's) adversarial loss."""
     return -jnp.mean(fake_logits)
+
+
+# ----------------------------------------------------------------------------- attribute alignment
+
+NUM_SHAPE_CLASSES = 9  # empty cell + the shapes world's 8 shapes
+NUM_COLOUR_CLASSES = 11  # empty cell + its 10 colours
+
+
+def grid_cells(h: int, w: int) -> jax.Array:
+    """(h, w) int32: the 3x3-grid cell (row-major) holding the centre of each position of an h x w grid."""
+    rows = jnp.floor((jnp.arange(h) + 0.5) * 3 / h).astype(jnp.int32)
+    cols = jnp.floor((jnp.arange(w) + 0.5) * 3 / w).astype(jnp.int32)
+    return 3 * rows[:, None] + cols[None, :]
+
+
+class AttributeHead(nn.Module):
+    """A training-only probe on the backbone's tokens: logits of the shape and colour of the object in
+    each token's 3x3-grid cell (REPA-style representation alignment, with the shapes world's free
+    labels as the teacher). Never exported: the sampler does not use it."""
+
+    hidden: int
+
+    @nn.compact
+    def __call__(self, tokens_BxLxD: jax.Array) -> jax.Array:
+        h = nn.LayerNorm(name="norm")(tokens_BxLxD.astype(jnp.float32))  # fp32: a loss head
+        h = nn.silu(nn.Dense(self.hidden, name="fc1")(h))
+        return nn.Dense(NUM_SHAPE_CLASSES + NUM_COLOUR_CLASSES, name="fc2")(h)
+
+
+def attribute_loss(logits_BxLxK: jax.Array, attrs_Bx9x2: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
+    """Mean over tokens of the shape and colour cross-entropies against the token's cell labels (fp32).
+
+    Args:
+      logits_BxLxK: `AttributeHead` logits of the h x w token grid (row-major), K = 9 + 11.
+      attrs_Bx9x2: per cell (1 + shape index, 1 + colour index), 0 for an empty cell.
+      grid_hw: the token grid (h, w).
+    """
+    idx = grid_cells(*grid_hw).reshape(-1)
+    labels = jnp.asarray(attrs_Bx9x2, jnp.int32)[:, idx]  # (B, L, 2)
+    logits = logits_BxLxK.astype(jnp.float32)
+    shape = optax.softmax_cross_entropy_with_integer_labels(logits[..., :NUM_SHAPE_CLASSES], labels[..., 0])
+    colour = optax.softmax_cross_entropy_with_integer_labels(logits[..., NUM_SHAPE_CLASSES:], labels[..., 1])
+    return jnp.mean(shape + colour)

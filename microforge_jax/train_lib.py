@@ -218,7 +218,16 @@ def _train_loop(
         with nn.logical_axis_rules(rules):
             state = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=state_shardings)()
         for key, values in (start_from or {}).items():  # e.g. the edit stage starts from the flow model
-            state[key] = sharding.put_global(values, state_shardings[key])
+            if isinstance(values, dict) and isinstance(state[key], dict):
+                # Named trees by name: one this stage lacks (the flow stage's training-only attribute
+                # head) is dropped, one it adds keeps its initialisation.
+                new = dict(state[key])
+                for name, tree in values.items():
+                    if name in new:
+                        new[name] = sharding.put_global(tree, state_shardings[key][name])
+                state[key] = new
+            else:
+                state[key] = sharding.put_global(values, state_shardings[key])
     start = int(state["step"])
     if 0 < start < hp.steps:
         print(f"[{stage}] restored step {start}, {hp.steps - start} steps to go")
@@ -268,7 +277,7 @@ def _train_loop(
         with sharding.use_mesh(mesh, rules):
             for step in range(start, hp.steps):
                 raw = next(iterator)
-                if "skipped" in raw:  # unreadable images, reported through the records (DESIGN §7)
+                if "skipped" in raw:  # unreadable images, counted in the records (worker-side counters are lost)
                     skipped, counts_skips = skipped + int(np.sum(raw["skipped"])), True
                 batch = host_to_batch(raw)
                 if step_jit is None:
@@ -485,11 +494,21 @@ def run_flow_stage(stage: str, config, workdir: Path, mesh, rules, vae_params: A
     elif config.get("init_from") and checkpoint.latest_steps(workdir).get(stage) is None:
         start_from = _init_from_params(Path(config.init_from), stage)
 
+    attr_weight = float(hp.get("attribute_weight", 0.0))  # .get: the edit stage and older runs have no such key
+    attribute_head = losses.AttributeHead(cfg.backbone.dim) if attr_weight > 0 else None
+    if attribute_head is not None and not 0 <= int(hp.attribute_block) < cfg.backbone.depth:
+        raise ConfigError(
+            f"train.{stage}.attribute_block must be a block index in [0, {cfg.backbone.depth}), got {hp.attribute_block}"
+        )
+
     def init_fn():
         r_den, r_text = jax.random.split(jax.random.key(config.seed + 1))
         params = {"denoiser": denoiser.init(r_den, z, t, text)}
         if trainable_text:
             params["text"] = encoder.init(r_text)
+        if attribute_head is not None:  # training-only: load_run never returns it
+            tokens = jnp.zeros((1, 1, cfg.backbone.dim), jnp.float32)
+            params[checkpoint.ATTRIBUTE_HEAD] = attribute_head.init(jax.random.key(config.seed + 2), tokens)
         return {"step": jnp.zeros((), jnp.int32), "params": params, "ema_params": params, "opt_state": tx.init(params)}
 
     spec = train_steps.FlowStep(
@@ -501,6 +520,7 @@ def run_flow_stage(stage: str, config, workdir: Path, mesh, rules, vae_params: A
         latent_shift=float(cfg.vae.shift_factor),
         diversity_weight=float(cfg.planner.diversity_weight),
         text_module=encoder if trainable_text else None,
+        attribute_head=attribute_head,
     )
     step_fn = lambda state, batch, rng, frozen: train_steps.flow_train_step(spec, state, batch, rng, frozen)
     if trainable_text:
@@ -528,6 +548,8 @@ def run_flow_stage(stage: str, config, workdir: Path, mesh, rules, vae_params: A
             out.update(source=b["source"], task=b["task"])
         elif "cells" in b and hp.get("object_cell_weight", 1.0) != 1.0:
             out["cells"] = b["cells"]
+        if attribute_head is not None and "attrs" in b:
+            out["attrs"] = b["attrs"]
         texts = {"text": prompts}
         if stage == "edit" and hp.get("generate_weight", 0.0) > 0:  # the targets' captions, for the generate term
             texts["gen_text"] = [str(s) for s in b["caption"]]

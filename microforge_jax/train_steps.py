@@ -192,6 +192,7 @@ class FlowStep:
     latent_shift: float = 0.0
     diversity_weight: float = 0.0
     text_module: Any = None  # a trainable text encoder (SimpleTextEncoder), else None
+    attribute_head: Any = None  # losses.AttributeHead when hp.attribute_weight > 0 (params["attribute_head"])
 
 
 def _normalised_latent(spec: FlowStep, posterior: DiagonalGaussian, rng: jax.Array | None) -> jax.Array:
@@ -235,9 +236,7 @@ def cell_weight_map(cells_Bx9: jax.Array, h: int, w: int, weight: float) -> jax.
     `cells_Bx9` marks the 3x3-grid cells (row-major) whose objects the caption places; a latent
     position belongs to the cell holding its centre.
     """
-    rows = jnp.floor((jnp.arange(h) + 0.5) * 3 / h).astype(jnp.int32)
-    cols = jnp.floor((jnp.arange(w) + 0.5) * 3 / w).astype(jnp.int32)
-    index_hxw = 3 * rows[:, None] + cols[None, :]
+    index_hxw = losses.grid_cells(h, w)
     named = jnp.asarray(cells_Bx9, jnp.float32)[:, index_hxw]
     return 1.0 + (weight - 1.0) * named
 
@@ -308,11 +307,12 @@ def flow_train_step(
         den = params["denoiser"]
         z_t, t, source = mb["z_t"], mb["t"], mb.get("source")
         prev = None
+        attr_on = spec.attribute_head is not None and "attrs" in mb and "attribute_head" in params
         if spec.denoiser.cfg.backbone.use_planner:
             # Self-conditioning (RIN): a first planner pass with no previous state, stop-gradiented,
             # is the previous plan for the `has_prev` part of the batch.
             prev = jax.lax.stop_gradient(spec.denoiser.apply(den, z_t, t, text, method=spec.denoiser.plan))
-        v, plan = spec.denoiser.apply(
+        out = spec.denoiser.apply(
             den,
             z_t,
             t,
@@ -321,21 +321,34 @@ def flow_train_step(
             source_BxhxwxC=source,
             prev_plan_BxKxD=prev,
             has_prev_B=mb["has_prev"],
+            mutable=["intermediates"] if attr_on else False,
         )
+        extra = {}
+        if attr_on:  # attribute alignment: a probe on one block's tokens predicts each cell's shape and colour
+            (v, plan), inter = out
+            p = spec.denoiser.cfg.backbone.patch_size
+            tokens = inter["intermediates"]["backbone"][f"tokens{int(hp.attribute_block)}"][0]
+            logits = spec.attribute_head.apply(params["attribute_head"], tokens)
+            extra["attribute_loss"] = losses.attribute_loss(logits, mb["attrs"], (z_t.shape[1] // p, z_t.shape[2] // p))
+        else:
+            v, plan = out
         weight = None
         if cell_weight != 1.0 and "cells" in mb:
             # Only where the caption was kept: the weight must be a function of the model's condition.
             cells = jnp.where(mb["drop"][:, None], 0.0, mb["cells"])
             weight = cell_weight_map(cells, *z_t.shape[1:3], cell_weight)
-        return flow.flow_loss(v, mb["target"], t, weight), plan  # fp32 (the backbone's output is cast to fp32)
+        return flow.flow_loss(v, mb["target"], t, weight), plan, extra  # fp32 (the backbone's output is fp32)
 
     def loss_fn(params, mb):
-        loss, plan = denoise_loss(params, {k: v for k, v in mb.items() if not k.startswith("gen_")})
+        loss, plan, extra = denoise_loss(params, {k: v for k, v in mb.items() if not k.startswith("gen_")})
         diversity = plan_diversity_loss(plan) if plan is not None else jnp.zeros(())
         total = loss + spec.diversity_weight * diversity
         parts = {"flow_loss": loss, "plan_diversity": diversity}
+        if "attribute_loss" in extra:
+            total = total + float(hp.attribute_weight) * extra["attribute_loss"]
+            parts["attribute_loss"] = extra["attribute_loss"]
         if gen_weight > 0:
-            gen_loss, _ = denoise_loss(params, {k[4:]: v for k, v in mb.items() if k.startswith("gen_")})
+            gen_loss, _, _ = denoise_loss(params, {k[4:]: v for k, v in mb.items() if k.startswith("gen_")})
             total = total + gen_weight * gen_loss
             parts["generate_loss"] = gen_loss
         return total, {"loss": total, **parts}

@@ -23,7 +23,8 @@ takes numeric arrays.
 Stage batches from the built-in shapes world (`shapes_dataset`):
   vae:  image f32 BxHxWx3
   flow: image f32 BxHxWx3, text <U BxN, cells f32 Bx9 (1 = a 3x3-grid cell whose object the
-        caption places; for `train.flow.object_cell_weight`)
+        caption places; for `train.flow.object_cell_weight`), attrs int32 Bx9x2 (per cell 1 + shape,
+        1 + colour index, 0 = empty; for `train.flow.attribute_weight`)
   edit: image (target) f32 BxHxWx3, source f32 BxHxWx3, mask f32 BxHxWx1 (1 = region to change;
         all ones for sr, whose whole image is regenerated), text <U (the instruction or caption),
         caption <U (of the target image), task int32 B (index into `shapes.TASKS`: 1 edit,
@@ -170,7 +171,10 @@ def _vae_record(rec: Record) -> Record:
 
 
 def _flow_record(rec: Record) -> Record:
-    return {"image": rec["image"], "text": rec["text"], "cells": rec["cells"]}
+    out = {"image": rec["image"], "text": rec["text"], "cells": rec["cells"]}
+    if "attrs" in rec:  # the shapes world's per-cell labels (attribute alignment)
+        out["attrs"] = rec["attrs"]
+    return out
 
 
 def _edit_record(rec: Record) -> Record:

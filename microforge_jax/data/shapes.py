@@ -23,7 +23,8 @@ HELDOUT_PAIRS holds out each shape exactly once, with 8 different colours:
 
 Tasks and record formats (uint8 images in [0, 255], H = W = image_size; strings are `str`):
   generate: image HxWx3, text (= caption), scene (JSON str), cells float32 (9,) (1 = a cell whose
-            object the caption places; all 0 when the caption names no position), task int32, index int64
+            object the caption places; all 0 when the caption names no position), attrs int32 (9, 2)
+            (per cell: 1 + shape index, 1 + colour index; 0 = empty), task int32, index int64
   edit:     image (target) HxWx3, source HxWx3, mask float32 HxWx1 (1 = edited region: the touched
             cells grown by 1 px), text (= instruction), caption (of the target), op (recolour | move |
             remove | add), scene (target JSON), source_scene (JSON), task, index
@@ -261,6 +262,17 @@ def named_cells(scene: Scene, template_id: int) -> np.ndarray:
 _EDIT_OPS = ("recolour", "move", "remove", "add")
 
 
+def cell_attributes(scene: Scene) -> np.ndarray:
+    """Per 3x3-grid cell (row-major), the object's (1 + shape index, 1 + colour index); (0, 0) if empty.
+
+    The free labels of the attribute-alignment loss (`train.flow.attribute_weight`).
+    """
+    attrs = np.zeros((len(POSITIONS), 2), np.int32)
+    for obj in scene.objects:
+        attrs[obj.cell] = (1 + SHAPES.index(obj.shape), 1 + list(COLOURS).index(obj.colour))
+    return attrs
+
+
 def refer(scene: Scene, i: int) -> str:
     """A unique referring expression for object i: "the red circle", plus its position if ambiguous."""
     o = scene.objects[i]
@@ -391,7 +403,13 @@ def make_record(
     scene = sample_scene(rng, split, objects_p=objects_p)
     image = render_scene(scene, image_size)
     text, template = _random_caption(rng, scene)
-    rec.update(image=image, text=text, scene=json.dumps(scene.to_dict()), cells=named_cells(scene, template))
+    rec.update(
+        image=image,
+        text=text,
+        scene=json.dumps(scene.to_dict()),
+        cells=named_cells(scene, template),
+        attrs=cell_attributes(scene),
+    )
     if task == "inpaint":
         if rng.random() < 0.6:
             hole = cells_mask([scene.objects[rng.integers(len(scene.objects))].cell], image_size)

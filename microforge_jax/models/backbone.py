@@ -12,8 +12,8 @@ apart, and only the target half is predicted. Generate runs without a source hal
 the conv, the scan paths and the 2-D sin-cos positions work at any grid size, and training and
 sampling use the same layout per task.
 
-Ablations (seed section 10): `use_planner` (A1), `mixer="attention"` (A2), `use_shared_attn`
-(A3), `use_dwconv` (A4, inside the BiSSM), `adaln="full"` (A6).
+Ablations (numbered as in the original design): `use_planner` (A1), `mixer="attention"` (A2),
+`use_shared_attn` (A3), `use_dwconv` (A4, inside the BiSSM), `adaln="full"` (A6).
 """
 
 from __future__ import annotations
@@ -237,6 +237,9 @@ class Backbone(nn.Module):
                 )
                 mod = mod(silu_cond).reshape(b, NUM_MOD, d)
             x = block_cls(cfg, layer_index=i, name=f"block{i}", **kw)(x, mod, context, mask, grid_hw)
+            # The tokens after each block, kept only when "intermediates" is mutable (the trainer's
+            # attribute-alignment loss reads them); a no-op otherwise.
+            self.sow("intermediates", f"tokens{i}", x)
             if shared is not None and (i + 1) % cfg.shared_attn_every == 0:
                 x = shared(x)
 

@@ -578,3 +578,58 @@ def test_flow_step_ema_is_the_running_mean_of_the_updated_parameters(probed_step
     for k, s in enumerate(states[1:], start=1):
         np.testing.assert_allclose(s["ema_params"]["denoiser"]["b"], np.mean(values[:k], dtype=np.float64), rtol=1e-6)
     assert states[1]["ema_params"]["denoiser"]["b"] == values[0]  # the first update replaces the init exactly
+
+
+def test_attribute_alignment_joins_the_flow_loss_and_trains_only_through_its_weight(redraw, relerr):
+    """loss = flow + 0.01 diversity + w * attribute; the probe's gradient reaches the backbone's early
+    blocks, and the probe's tree is training-only (checkpoint.ATTRIBUTE_HEAD)."""
+    import jax.numpy as jnp
+    import ml_collections
+
+    from microforge_jax import checkpoint, losses, optim, train_steps
+    from microforge_jax.config import ModelConfig
+    from microforge_jax.models.denoiser import Text, build_denoiser
+    from microforge_jax.models.vae import build_vae
+
+    config = _config("model.backbone.depth=2", "train.flow.warmup_steps=0", "train.flow.attribute_block=0")
+    cfg = ModelConfig.from_config(config)
+    den, vae = build_denoiser(cfg), build_vae(cfg)
+    b, m, e, side = 4, 40, 384, config.image_size // cfg.vae.downsample_factor
+    rng = np.random.default_rng(0)
+    text = Text(jnp.asarray(rng.standard_normal((b, m, e)), jnp.float32), jnp.ones((b, m), bool), jnp.zeros((b, e)))
+    image = jnp.asarray(rng.uniform(-1, 1, (b, config.image_size, config.image_size, 3)), jnp.float32)
+    head = losses.AttributeHead(cfg.backbone.dim)
+    params = {
+        "denoiser": jax.jit(den.init)(jax.random.key(0), jnp.zeros((b, side, side, 4)), jnp.zeros(b), text),
+        checkpoint.ATTRIBUTE_HEAD: head.init(jax.random.key(2), jnp.zeros((1, 1, cfg.backbone.dim))),
+    }
+    params = redraw(params, seed=0)
+    frozen = {
+        "vae": redraw(jax.jit(vae.init)(jax.random.key(1), image), seed=1),
+        "empty_text": Text(jnp.zeros((1, m, e)), jnp.ones((1, m), bool), jnp.zeros((1, e))),
+    }
+    attrs = np.zeros((b, 9, 2), np.int32)
+    attrs[:, 4] = (3, 2)
+    attrs[1, 0] = (5, 7)
+    batch = {"image": image, "text_tokens": text.tokens, "text_mask": text.mask, "text_pooled": text.pooled}
+    batch["attrs"] = jnp.asarray(attrs)
+
+    def run(weight):
+        hp = ml_collections.ConfigDict({**config.train.flow.to_dict(), "attribute_weight": weight})
+        tx = optim.make_optimizer(hp)
+        spec = train_steps.FlowStep(den, vae, tx, hp, diversity_weight=0.01, attribute_head=head)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "ema_params": params, "opt_state": tx.init(params)}
+        return jax.jit(lambda s: train_steps.flow_train_step(spec, s, batch, jax.random.key(3), frozen))(state)
+
+    (with_attr, m1), (without, m0) = run(0.5), run(0.0)
+    assert float(m1["train/attribute_loss"]) > 0
+    expected = m1["train/flow_loss"] + 0.01 * m1["train/plan_diversity"] + 0.5 * m1["train/attribute_loss"]
+    assert relerr(m1["train/loss"], expected) < 1e-6
+    # Same noise and times: the flow term is unchanged, the total and block 0's update are not.
+    assert relerr(m1["train/flow_loss"], m0["train/flow_loss"]) < 1e-6
+    assert relerr(m0["train/loss"], m0["train/flow_loss"] + 0.01 * m0["train/plan_diversity"]) < 1e-6
+    leaf = lambda s: np.asarray(s["params"]["denoiser"]["params"]["backbone"]["block0"]["ffn"]["fc1"]["kernel"])
+    assert relerr(leaf(with_attr), leaf(without)) > 1e-6
+    head_moved = lambda s: np.asarray(s["params"][checkpoint.ATTRIBUTE_HEAD]["params"]["fc2"]["kernel"])
+    before = np.asarray(params[checkpoint.ATTRIBUTE_HEAD]["params"]["fc2"]["kernel"])
+    assert relerr(head_moved(with_attr), before) > 1e-6

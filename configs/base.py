@@ -142,6 +142,10 @@ def get_config() -> ml_collections.ConfigDict:
     v.disc_lr = 1e-4
     v.disc_channels = 64
     v.scale_batches = 8  # batches encoded after the stage to measure the latent scale/shift
+    # Start from trained VAE weights instead of training: a safetensors file written by
+    # `python -m microforge_jax.vae_weights`, or "nano" (shipped in microforge_jax/assets/). The stage
+    # saves them as its finished checkpoint (with their latent scale/shift); "": train the VAE.
+    v.pretrained = ""
 
     tr.flow = f = ml_collections.ConfigDict()
     f.steps = 100_000

@@ -405,6 +405,8 @@ def run_vae_stage(config, workdir: Path, mesh, rules) -> Any:
             "disc_opt_state": disc_tx.init(disc_params),
         }
 
+    if hp.get("pretrained", "") and checkpoint.latest_steps(workdir).get("vae") is None:
+        _start_from_pretrained_vae(config, workdir, hp, init_fn)
     finished = checkpoint.latest_steps(workdir).get("vae", -1) >= hp.steps  # then no step runs: nothing to load
     frozen, lpips_module = _perceptual(hp, load=not finished)  # a bad LPIPS file fails here, before any training
     spec = train_steps.VAEStep(vae, disc, tx, disc_tx, hp, lpips=lpips_module)
@@ -423,6 +425,32 @@ def run_vae_stage(config, workdir: Path, mesh, rules) -> Any:
         rules=rules,
     )
     return sharding.to_host(state["ema_params"])
+
+
+def _start_from_pretrained_vae(config, workdir: Path, hp, init_fn) -> None:
+    """`train.vae.pretrained`: writes those weights as the stage's finished checkpoint (step = steps)
+    and their latent scale/shift into config.json, so the stage trains nothing and the run stays
+    self-contained."""
+    from microforge_jax import vae_weights  # noqa: PLC0415
+
+    abstract = nn.unbox(jax.eval_shape(init_fn))
+    try:
+        params, meta = vae_weights.load(hp.pretrained, abstract["params"])
+    except vae_weights.WeightsError as e:
+        raise ConfigError(str(e)) from None
+    v = config.model.vae
+    if (v.scaling_factor, v.shift_factor) == (1.0, 0.0) and "scaling_factor" in meta:
+        with config.unlocked():
+            v.scaling_factor, v.shift_factor = float(meta["scaling_factor"]), float(meta["shift_factor"])
+        if jax.process_index() == 0:
+            checkpoint.save_run_config(workdir, config)
+    state = dict(jax.jit(lambda: nn.unbox(init_fn()))(), params=params, ema_params=params)
+    state["step"] = jnp.asarray(hp.steps, jnp.int32)
+    with checkpoint.StageCheckpointer(workdir, "vae", async_save=False) as ckpt:
+        ckpt.save(hp.steps, state, data_iterator=iter(_stage_data(config, "vae", hp)), force=True)
+    print(
+        f"[vae] weights from {vae_weights.resolve(hp.pretrained)} (latent scale {v.scaling_factor:.4f}, shift {v.shift_factor:.4f})"
+    )
 
 
 def _perceptual(hp, load: bool = True) -> tuple[dict[str, Any], Any]:

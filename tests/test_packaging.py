@@ -49,6 +49,7 @@ def test_wheel_holds_every_module_and_the_kernel_source(wheel):
         if "__pycache__" not in p.parts
     }
     expected.add("microforge_jax/kernels/native_scan.cc")
+    expected |= {p.relative_to(ROOT).as_posix() for p in (PACKAGE / "assets").glob("*.safetensors")}
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         (entry_points,) = (n for n in names if n.endswith(".dist-info/entry_points.txt"))

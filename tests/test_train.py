@@ -633,3 +633,31 @@ def test_attribute_alignment_joins_the_flow_loss_and_trains_only_through_its_wei
     head_moved = lambda s: np.asarray(s["params"][checkpoint.ATTRIBUTE_HEAD]["params"]["fc2"]["kernel"])
     before = np.asarray(params[checkpoint.ATTRIBUTE_HEAD]["params"]["fc2"]["kernel"])
     assert relerr(head_moved(with_attr), before) > 1e-6
+
+
+def test_pretrained_vae_weights_round_trip_into_a_new_run(finished_run, tmp_path, capsys):
+    """vae_weights from a run -> `train.vae.pretrained` of a new run: its finished VAE checkpoint holds exactly
+    those weights and config.json their latent scale/shift; a file for another VAE is one ConfigError line."""
+    from microforge_jax import vae_weights
+    from microforge_jax.config import ConfigError
+
+    workdir, _ = finished_run
+    path = tmp_path / "vae.safetensors"
+    assert vae_weights.main(["--workdir", str(workdir), "--out", str(path)]) == 0
+    source_config, source = checkpoint.load_run(workdir)
+    new = tmp_path / "new"
+    train_lib.train_and_evaluate(_config("stages=('vae',)", f"train.vae.pretrained={path}"), new)
+    config, params = checkpoint.load_run(new)
+    assert checkpoint.latest_steps(new) == {"vae": 2}
+    for a, b in zip(jax.tree.leaves(params["vae"]), jax.tree.leaves(source["vae"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert config.model.vae.scaling_factor == source_config.model.vae.scaling_factor != 1.0
+    assert config.model.vae.shift_factor == source_config.model.vae.shift_factor
+    assert "weights from" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="do not fit"):
+        train_lib.train_and_evaluate(
+            _config("stages=('vae',)", f"train.vae.pretrained={path}", "model.vae.channels=(8,32)"), tmp_path / "c"
+        )
+    with pytest.raises(ConfigError, match="not found"):
+        train_lib.train_and_evaluate(_config("stages=('vae',)", "train.vae.pretrained=nope.st"), tmp_path / "d")
+    assert not (tmp_path / "d" / "checkpoints" / "vae").exists()

@@ -31,6 +31,7 @@ SMALL = [
     "model.text.embed_dim=48",
     "model.text.max_length=16",
     "model.vae.channels=(8,16)",
+    "train.vae.pretrained=",  # train the tiny VAE (the shipped nano weights do not fit it)
     "model.vae.downsample_factor=4",
     "model.vae.scaling_factor=0.5",
     "model.vae.shift_factor=0.2",

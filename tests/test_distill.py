@@ -35,6 +35,7 @@ SMALL = [
     "model.latent_channels=4",
     "model.text.embed_dim=48",
     "model.vae.channels=(8,16)",
+    "train.vae.pretrained=",  # train the tiny VAE (the shipped nano weights do not fit it)
     "model.vae.downsample_factor=4",
     "model.backbone.patch_size=1",  # the 2x3 grid: one latent cell per token
 ]

@@ -16,6 +16,7 @@ TINY = (
     "image_size=32",
     "model.latent_channels=4",
     "model.vae.channels=(8,16)",
+    "train.vae.pretrained=",  # train the tiny VAE (the shipped nano weights do not fit it)
     "model.vae.downsample_factor=4",
     "model.backbone.depth=2",
     "model.backbone.dim=64",

@@ -182,6 +182,16 @@ def get_config() -> ml_collections.ConfigDict:
     f.attribute_weight = 0.0
     f.attribute_block = 1
 
+    # The high-resolution flow (opt-in: add "flow_hr" after "flow" in `stages`): the text -> image
+    # flow again at `image_size`, starting from the flow stage's weights (positions and scan paths work
+    # at any token grid), as the original curriculum's stage 3. Its own copy of the flow section's keys.
+    tr.flow_hr = fh = ml_collections.ConfigDict(f.to_dict())
+    fh.image_size = 512  # pixels; a multiple of the VAE factor x patch size
+    fh.steps = 20_000
+    fh.lr = 5e-5
+    fh.warmup_steps = 500
+    fh.time_shift = 3.0  # more noise at the higher resolution (the resolution shift)
+
     tr.edit = e = ml_collections.ConfigDict()
     e.steps = 20_000
     e.batch_size = 32

@@ -5,8 +5,8 @@ A run lives in one work directory::
     <workdir>/
       config.json                 the full config it ran with (ConfigDict.to_json), incl. the VAE
                                   latent scale/shift once measured; written atomically
-      checkpoints/<stage>/<step>/ one Orbax CheckpointManager per stage ("vae", "flow", "edit",
-        state/                    "distill", "consistency"); each step holds the train state ("state", a
+      checkpoints/<stage>/<step>/ one Orbax CheckpointManager per stage ("vae", "flow", "flow_hr",
+        state/                    "edit", "distill", "consistency"); each step holds the train state ("state", a
         data/                     StandardSave pytree) and, when given, the Grain iterator state
                                   ("data": process_<i>-of-<n>.json, one file per process)
       metrics.jsonl, TensorBoard events, samples/   (written by the trainer, not here)
@@ -19,13 +19,13 @@ The train state of every stage is a dict with at least these keys::
 
   - stage "vae": `ema_params` is the VAE's parameter tree itself (what `VAE.apply` takes as
     `{"params": ...}`).
-  - stages "flow", "edit", "distill", "consistency" (DENOISER_STAGES): `ema_params` is a dict
+  - stages "flow", "flow_hr", "edit", "distill", "consistency" (DENOISER_STAGES): `ema_params` is a dict
     of named model trees, e.g. `{"denoiser": ..., "text": ...}` (the flow stage may train a
     SimpleTextEncoder jointly; a stage that trains only the denoiser saves `{"denoiser": ...}`).
 
 `load_run(workdir) -> (config, params)` returns `params = {"vae": ..., "denoiser": ..., "text": ...}`
 (a key is absent when no stage saved it): "vae" from the "vae" stage; the named trees of the
-denoising stages merged in the order flow -> edit -> distill -> consistency, so the latest stage in
+denoising stages merged in the order flow -> flow_hr -> edit -> distill -> consistency, so the latest stage in
 the curriculum that saved a name wins ("edit" overrides "flow"'s "denoiser", a consistency-distilled
 "denoiser" overrides them all; "text" stays "flow"'s if no later stage trains it). Only
 `ema_params` is read (a partial restore: the optimizer state is never loaded), onto one local
@@ -54,13 +54,16 @@ import orbax.checkpoint as ocp
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 # The order is also the trainer's rng stream per stage (`fold_in(seed, index)`): append, never reorder.
-STAGES: tuple[str, ...] = ("vae", "flow", "edit", "distill", "consistency")
+# The curriculum's order: each stage starts from the one before it (the flow stage needs the VAE;
+# the high-resolution flow starts from the flow weights; editing from the latest text-to-image
+# weights; the distillations from everything before), and `load_run` merges in this order.
+STAGES: tuple[str, ...] = ("vae", "flow", "flow_hr", "edit", "distill", "consistency")
 # A named parameter tree that only training uses (the attribute-alignment probe): in checkpoints,
 # never in what `load_run` returns, so sampling and export see the model alone.
 ATTRIBUTE_HEAD = "attribute_head"
 # Stages whose `ema_params` is a dict of named model trees, merged into `params` in this order
 # (the latest distilled weights win); also where `init_from` looks for a denoiser.
-DENOISER_STAGES: tuple[str, ...] = ("flow", "edit", "distill", "consistency")
+DENOISER_STAGES: tuple[str, ...] = ("flow", "flow_hr", "edit", "distill", "consistency")
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 # Model keys measured by training and written back into config.json: a resumed run's requested
@@ -108,8 +111,10 @@ def save_run_config(workdir: str | os.PathLike, config: ml_collections.ConfigDic
     path = workdir / CONFIG_FILE
     if jax.process_index() != 0:
         return path
-    workdir.mkdir(parents=True, exist_ok=True)
     text = config.to_json(indent=2, sort_keys=False)
+    if path.is_file() and path.read_text() == text + "\n":
+        return path  # unchanged (a resumed run): leave the file, and its mtime, alone
+    workdir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".json.tmp", dir=workdir)
     try:
         with os.fdopen(fd, "w") as f:
@@ -307,8 +312,10 @@ class StageCheckpointer:
             items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise RunError(f"cannot restore checkpoint {step_dir}: {_one_line(e)}") from e
+        except Exception as e:  # Orbax/TensorStore raise many types (a bare Exception too) for a damaged checkpoint
+            earlier = [s for s in self.all_steps() if s < step]
+            hint = f"; move it away to resume from step {earlier[-1]}" if earlier else ""
+            raise RunError(f"cannot restore checkpoint {step_dir} ({_one_line(e)}){hint}") from e
         return restored[STATE_ITEM]
 
     def wait_until_finished(self) -> None:
@@ -401,6 +408,8 @@ def agree_to_stop(local: bool, step: int | None = None, every: int = STOP_CHECK_
 
 
 def _one_line(e: BaseException) -> str:
+    if type(e) is Exception and e.__cause__ is not None:  # Orbax wraps TensorStore's error in a bare Exception
+        e = e.__cause__
     text = str(e).strip().splitlines()
     first = text[0] if text else ""
     return f"{type(e).__name__}: {first[:200] + ' ...' if len(first) > 200 else first}"

@@ -63,8 +63,26 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str | Path) -> ml_co
 
     workdir = Path(workdir)
     config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
-    text = resolve_text_config(ModelConfig.from_config(config).text)
+    model_cfg = ModelConfig.from_config(config)
+    f, p = model_cfg.vae.downsample_factor, model_cfg.backbone.patch_size
+    if config.image_size < 1 or config.image_size % (f * p):  # else the model's init fails mid-run
+        why = "the VAE's compression factor" + (f" {f} x model.backbone.patch_size {p}" if p > 1 else "")
+        raise ConfigError(f"image_size {config.image_size} must be a positive multiple of {f * p} ({why})")
+    text = resolve_text_config(model_cfg.text)
     config.model.text.encoder, config.model.text.embed_dim = text.encoder, text.embed_dim
+    stages = tuple(config.stages)
+    unknown = [s for s in stages if s not in checkpoint.STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage {unknown[0]!r}; stages are {', '.join(checkpoint.STAGES)}")
+    if list(stages) != sorted(stages, key=checkpoint.STAGES.index) or len(set(stages)) != len(stages):
+        raise ConfigError(
+            f"stages {stages} must keep the curriculum's order {' -> '.join(checkpoint.STAGES)} "
+            "(each stage starts from the weights of the one before it), each at most once"
+        )
+    if "flow_hr" in stages:
+        size = int(config.train.flow_hr.image_size)
+        if size < 1 or size % (f * p):
+            raise ConfigError(f"train.flow_hr.image_size {size} must be a positive multiple of {f * p}")
     if config.data.source not in ("shapes", "folder"):
         raise ConfigError(f"data.source must be 'shapes' or 'folder', got {config.data.source!r}")
     if not config.train.flow.get("object_cell_weight", 1.0) > 0:
@@ -344,6 +362,7 @@ def _stage_data(config, stage: str, hp, split: str = "train"):
     (a fixed set, but seen in training). `hp.objects_p` (flow stage) sets the object-count mix
     of the training scenes only: validation keeps the world's own mix.
     """
+    stage = "flow" if stage == "flow_hr" else stage  # the same records, at the stage's image size
     kw: dict[str, Any] = {"worker_count": config.data.worker_count}
     if split != "train":
         kw.update(shuffle=False, worker_count=0, read_threads=0)
@@ -502,6 +521,9 @@ def run_flow_stage(stage: str, config, workdir: Path, mesh, rules, vae_params: A
     from microforge_jax.text import TextEmbeddingCache, load_text_encoder  # noqa: PLC0415
 
     hp = config.train[stage]
+    if stage == "flow_hr":  # the flow at a larger image size: positions and scan paths work at any grid
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.image_size = int(hp.image_size)
     cfg = ModelConfig.from_config(config)
     denoiser = build_denoiser(cfg)
     vae = build_vae(cfg)
@@ -517,8 +539,10 @@ def run_flow_stage(stage: str, config, workdir: Path, mesh, rules, vae_params: A
     text = Text(jnp.zeros((local, m, e)), jnp.ones((local, m), bool), jnp.zeros((local, e)))
 
     start_from = None
-    if stage == "edit" and checkpoint.latest_steps(workdir).get("flow") is not None:
-        start_from = checkpoint.restore_stage_params(workdir, "flow")  # editing starts from the trained flow model
+    before = {"flow_hr": ("flow",), "edit": ("flow_hr", "flow")}.get(stage, ())
+    previous = next((s for s in before if checkpoint.latest_steps(workdir).get(s) is not None), None)
+    if previous is not None:  # the high-resolution flow and editing start from the latest flow model
+        start_from = checkpoint.restore_stage_params(workdir, previous)
     elif config.get("init_from") and checkpoint.latest_steps(workdir).get(stage) is None:
         start_from = _init_from_params(Path(config.init_from), stage)
 
@@ -705,8 +729,8 @@ def _sample_hook(stage: str, config, cfg: ModelConfig, encoder, vae_params: Any,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Runs the config's stages in order, each resuming from its checkpoints; returns a summary."""
     workdir = Path(workdir)
+    config = prepare_run(config, workdir)  # checks the input first: a refused run creates nothing
     workdir.mkdir(parents=True, exist_ok=True)
-    config = prepare_run(config, workdir)
     mesh, rules = _mesh(config)
     summary: dict[str, Any] = {"workdir": str(workdir)}
     vae_params = None
@@ -718,7 +742,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         elif stage == "edit" and config.data.source == "folder":
             print("[edit] skipped: a folder of captioned images has no edit pairs (data.source='folder')")
             continue
-        elif stage in ("flow", "edit", "distill", "consistency"):
+        elif stage in ("flow", "flow_hr", "edit", "distill", "consistency"):
             if vae_params is None and config.model.vae.get("kind", "dc") == "pixel":
                 vae_params = {}  # pixel space: nothing to load
             if vae_params is None:
@@ -729,7 +753,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 # A VAE checkpoint without its measured scale (a run directory put together by
                 # hand, without config.json): measure it now rather than train on raw latents.
                 _ensure_latent_stats(config, workdir, vae_params, mesh, rules)
-            if stage in ("flow", "edit"):
+            if stage in ("flow", "flow_hr", "edit"):
                 run_flow_stage(stage, config, workdir, mesh, rules, vae_params)
             else:
                 from microforge_jax import distill  # noqa: PLC0415 (it imports this module)

@@ -662,3 +662,42 @@ def test_pretrained_vae_weights_round_trip_into_a_new_run(finished_run, tmp_path
     with pytest.raises(ConfigError, match="not found"):
         train_lib.train_and_evaluate(_config("stages=('vae',)", "train.vae.pretrained=nope.st"), tmp_path / "d")
     assert not (tmp_path / "d" / "checkpoints" / "vae").exists()
+
+
+def test_high_resolution_flow_stage_starts_from_the_flow_weights_at_a_larger_size(finished_run, tmp_path):
+    """flow_hr: the flow again at train.flow_hr.image_size, from the flow stage's EMA; sample grids at that size."""
+    import shutil
+
+    from PIL import Image
+
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run[0], workdir)
+    hr = ("train.flow_hr.steps=2", "train.flow_hr.batch_size=4", "train.flow_hr.image_size=64", "sample_every=1")
+    config = _config("stages=('vae','flow','flow_hr')", "final_eval.num=0", *hr)
+    train_lib.train_and_evaluate(config, workdir)
+    assert checkpoint.latest_steps(workdir)["flow_hr"] == 2
+    flow = checkpoint.restore_stage_params(workdir, "flow", ("ema_params",))["ema_params"]["denoiser"]
+    high = checkpoint.restore_stage_params(workdir, "flow_hr", ("ema_params",))["ema_params"]["denoiser"]
+    diffs = [
+        float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(flow), jax.tree.leaves(high))
+    ]
+    assert 0 < max(diffs) < 0.05  # started from the flow model, then trained
+    with Image.open(sorted((workdir / "samples").glob("flow_hr_*.png"))[-1]) as grid:
+        low = Image.open(sorted((workdir / "samples").glob("flow_*.png"))[0])
+        assert grid.size[0] == 2 * low.size[0]  # the same grid layout at twice the image size
+    _, params = checkpoint.load_run(workdir)  # merged flow -> flow_hr -> edit
+    edit = checkpoint.restore_stage_params(workdir, "edit", ("ema_params",))["ema_params"]["denoiser"]
+    for a, b in zip(jax.tree.leaves(params["denoiser"]), jax.tree.leaves(edit), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_stages_must_keep_the_curriculum_order(tmp_path):
+    from microforge_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="curriculum's order"):
+        train_lib.prepare_run(_config("stages=('vae','edit','flow')"), tmp_path)
+    with pytest.raises(ConfigError, match="unknown stage"):
+        train_lib.prepare_run(_config("stages=('vae','flow_high')"), tmp_path)
+    with pytest.raises(ConfigError, match="flow_hr.image_size"):
+        train_lib.prepare_run(_config("stages=('vae','flow','flow_hr')", "train.flow_hr.image_size=60"), tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written

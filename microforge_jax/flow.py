@@ -1,4 +1,4 @@
-"""Rectified-flow maths as plain functions: time sampling and shift, targets, weights, Euler, CFG.
+"""Rectified-flow maths as plain functions: time sampling and shift, targets, weights, ODE steps, CFG.
 
     z_t = (1 - t) z_0 + t eps        (t = 0: data, t = 1: noise)
     v*  = eps - z_0                  (the velocity points from data to noise)
@@ -8,6 +8,14 @@
     z_{t - dt} = z_t - dt * v        (Euler toward the data; the seed's "+" is a sign slip)
     v_hat = v_uncond + s (v_cond - v_uncond)                                   (CFG)
 
+Two second-order ODE steps (the sampler loop around them is `sampling.make_sampler`):
+
+* Heun (trapezoidal; Karras et al. 2022, diffusers' FlowMatchHeunDiscreteScheduler): an Euler
+  predictor, the velocity again at the predicted point, then the mean of both velocities.
+* DPM-Solver++(2M) (Lu et al. 2022) in data-prediction form, with alpha = 1 - t, sigma = t,
+  lambda = log(alpha / sigma) and x0 = z_t - t v: one evaluation per step, the previous step's x0
+  extrapolated linearly in lambda. Its first-order step is exactly Euler's.
+
 Everything here is computed in fp32.
 """
 
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def shift_time(t: jax.Array, shift: float) -> jax.Array:
@@ -96,3 +105,57 @@ def euler_step(z: jax.Array, v: jax.Array, t: jax.Array, t_next: jax.Array) -> j
 def guidance(v_cond: jax.Array, v_uncond: jax.Array, scale: float | jax.Array) -> jax.Array:
     """Classifier-free guidance: v_uncond + s (v_cond - v_uncond)."""
     return v_uncond + scale * (v_cond - v_uncond)
+
+
+def heun_step(z: jax.Array, v: jax.Array, v_next: jax.Array, t: jax.Array, t_next: jax.Array) -> jax.Array:
+    """The corrector of a Heun step from t down to t_next: z - (t - t_next) (v + v_next) / 2.
+
+    `v` is the velocity at (z, t), `v_next` the velocity at the Euler predictor
+    `euler_step(z, v, t, t_next)` at time t_next. A step to t_next = 0 should stay the predictor (as
+    Karras et al. do): the model is not evaluated at pure data.
+    """
+    dt = _bcast(jnp.asarray(t, jnp.float32) - jnp.asarray(t_next, jnp.float32), z)
+    return z.astype(jnp.float32) - dt * (0.5 * (v.astype(jnp.float32) + v_next.astype(jnp.float32)))
+
+
+def dpm_solver_2m_coefficients(ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-step coefficients of DPM-Solver++(2M) on a time grid, computed on the host in float64.
+
+    With h_k = lambda(t_{k+1}) - lambda(t_k) and r_k = h_{k-1} / h_k, the step from t_k is
+        z_{k+1} = ratio_k z_k + (1 - ratio_k) x0_k + slope_k (x0_k - x0_{k-1}),
+        ratio_k = t_{k+1} / t_k,   slope_k = (1 - ratio_k) / (2 r_k)
+    (for rectified flow sigma_{k+1} / sigma_k = ratio_k and -alpha_{k+1} (exp(-h_k) - 1) = 1 - ratio_k).
+    The first step and the last (to t = 0, where lambda is infinite) are first order: slope 0.
+    A grid starting at t = 1 (lambda = -inf) also gives step 1 slope 0: the linear-in-lambda
+    extrapolation through a point at infinite distance is flat.
+
+    Args:
+      ts: the times (S + 1,), decreasing, with ts[k] > 0 for k < S.
+
+    Returns:
+      (ratio (S,), slope (S,)), float64.
+    """
+    t = np.asarray(ts, np.float64)
+    if t.ndim != 1 or t.size < 2 or np.any(t[:-1] <= 0) or np.any(np.diff(t) >= 0):
+        raise ValueError(f"the time grid must decrease from t > 0, got {t.tolist()}")
+    ratio = t[1:] / t[:-1]
+    with np.errstate(divide="ignore"):
+        lam = np.log1p(-t) - np.log(t)  # -inf at t = 1, +inf at t = 0
+    slope = np.zeros_like(ratio)
+    for k in range(1, len(ratio) - 1):  # t_{k+1} > 0 here, so h_k is finite
+        slope[k] = 0.5 * (1.0 - ratio[k]) * (lam[k + 1] - lam[k]) / (lam[k] - lam[k - 1])
+    return ratio, slope
+
+
+def dpm_solver_2m_step(
+    z: jax.Array, x0: jax.Array, x0_prev: jax.Array, ratio: jax.Array, slope: jax.Array
+) -> jax.Array:
+    """One DPM-Solver++(2M) step: ratio z + (1 - ratio) x0 + slope (x0 - x0_prev).
+
+    `x0 = z - t v` is the data estimate at this step, `x0_prev` the previous step's, and `ratio`,
+    `slope` this step's entries of `dpm_solver_2m_coefficients` (scalars).
+    """
+    ratio = jnp.asarray(ratio, jnp.float32)
+    slope = jnp.asarray(slope, jnp.float32)
+    x0 = x0.astype(jnp.float32)
+    return ratio * z.astype(jnp.float32) + (1.0 - ratio) * x0 + slope * (x0 - x0_prev.astype(jnp.float32))

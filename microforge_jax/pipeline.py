@@ -92,7 +92,7 @@ class MicroForgePipeline:
       consistency: the parameters are a consistency-distilled model (the run has a "consistency"
         checkpoint): `sampler=None` then means the consistency sampler for steps <= 4.
       last_timing: `{"compile_s", "sample_s", "per_image_s", "images"}` of the latest call.
-      last_sampler: the step rule of the latest call ("euler" or "consistency").
+      last_sampler: the step rule of the latest call (one of `sampling.SAMPLERS`).
     """
 
     def __init__(
@@ -171,13 +171,15 @@ class MicroForgePipeline:
 
         Args:
           prompts: the prompts.
-          steps: Euler steps.
+          steps: sampler steps (Heun evaluates the denoiser 2 * steps - 1 times, the others once a step).
           cfg: guidance scale (1: no guidance, computed without the unconditional half).
           seed: the noise seed (same seed, same images).
           size: (H, W), multiples of the VAE factor; default the run's `image_size`.
           num: images per prompt.
           shift: time-grid shift; default the run's training `time_shift` for the task's stage.
-          sampler: "euler" or "consistency" (denoise to x0, re-noise with fresh noise from `seed`);
+          sampler: "euler", "heun" (2nd order, two evaluations a step), "dpm++2m" (2nd order
+            multistep, one evaluation a step) or "consistency" (denoise to x0, re-noise with fresh
+            noise from `seed`; for a consistency-distilled run);
             None: consistency for a consistency-distilled run at steps <= 4, else Euler.
           init_image: uint8 (H, W, 3), or one per prompt: start from this image's latent noised to
             t = `strength` (z = strength * noise + (1 - strength) * latent) and take `steps` steps

@@ -1,4 +1,4 @@
-"""The jitted sampler: Euler ODE from noise to data with the planner carried through `lax.scan`.
+"""The jitted sampler: an ODE from noise to data with the planner carried through `lax.scan`.
 
 One function does the whole job, as MaxDiffusion does: (VAE-encode the source) -> `lax.scan` over
 the steps -> VAE decode. The scan carry is `(z_BxhxwxC, plan_NxKxD)`:
@@ -15,6 +15,23 @@ The step rule is pluggable, `step_fn(z, v, t, t_next) -> z_next` (`flow.euler_st
 A stochastic rule (`stochastic=True`) takes a fifth argument, a PRNG key drawn fresh for each step
 from the sampler's `key` (scan inputs, not the carry): `consistency_step`, the few-step sampler of
 a consistency-distilled model, denoises to an x0 estimate and re-noises it with fresh noise.
+
+Two second-order rules have their own scans (`step_fn=flow.heun_step` or `flow.dpm_solver_2m_step`,
+by name "heun" and "dpm++2m"); guidance mixes the stacked batch at every denoiser evaluation:
+
+* Heun: S steps cost 2S - 1 evaluations (the last step, to t = 0, is a plain Euler step). The scan
+  runs over evaluations, not steps, so the denoiser is traced once: a predictor evaluation at
+  (z, t_k) stores v and keeps z; the corrector evaluates at the Euler predictor, at t_{k+1}, and
+  takes the trapezoidal step. The carry is `(z, v of the previous evaluation, plan)`.
+* DPM-Solver++(2M): one evaluation per step; the carry adds the previous step's x0 estimate, and the
+  per-step coefficients come from the static time grid (`flow.dpm_solver_2m_coefficients`).
+
+The planner state is threaded through every evaluation in order (the choice for a two-evaluation
+step): the corrector of a Heun step starts from the plan its predictor produced, and the next step
+from the corrector's, the latest plan, made at the time the next step starts from on the predicted
+latent (nearer to training's self-conditioning, which feeds back a plan of the same z_t and t, than
+Euler's one step old plan). With `keep_plans` the trajectory has one entry per evaluation.
+
 Edit / inpaint / SR share one compiled function (the task id is traced; only "with a source or
 not" changes the graph).
 
@@ -40,7 +57,7 @@ from microforge_jax.models.vae import build_vae, decode_tiled, map_slices
 
 StepFn = Callable[..., jax.Array]  # (z, v, t, t_next) -> z_next, plus a PRNG key when stochastic
 SOURCE_TASKS = ("edit", "inpaint", "sr")
-SAMPLERS = ("euler", "consistency")
+SAMPLERS = ("euler", "consistency", "heun", "dpm++2m")
 
 __all__ = [
     "SOURCE_TASKS",
@@ -71,8 +88,9 @@ class Samples(NamedTuple):
     Attributes:
       images_BxHxWx3: decoded images in [-1, 1] (None when built with `decode=False`).
       latent_BxhxwxC: the final latent in the backbone's normalised space.
-      plans_SxNxKxD: the plan tokens each step produced (N = 2B with guidance, the conditional
-        half first), when built with `keep_plans=True` and the planner is on; else None.
+      plans_SxNxKxD: the plan tokens each denoiser evaluation produced (S of them; 2S - 1 for Heun;
+        N = 2B with guidance, the conditional half first), when built with `keep_plans=True` and the
+        planner is on; else None.
     """
 
     images_BxHxWx3: jax.Array | None
@@ -183,7 +201,9 @@ def make_sampler(
       steps: number of steps S >= 1 (static: the scan length).
       guidance: stack conditional and unconditional inputs (2B rows) and mix with the scale.
       shift: resolution shift of the time grid (`flow.time_grid`); 1 is the plain linear grid.
-      step_fn: `(z, v, t, t_next) -> z_next`; Euler by default (`consistency_step` with stochastic=True).
+      step_fn: `(z, v, t, t_next) -> z_next`; Euler by default (`consistency_step` with stochastic=True);
+        or a two-evaluation rule with its own scan, `flow.heun_step` or `flow.dpm_solver_2m_step`
+        (see the module docstring).
       stochastic: `step_fn` takes a fifth argument, a PRNG key, fresh for each step (split from the
         sampler's `key` argument, which is then required).
       with_source: the tasks edit / inpaint / sr (a source image, VAE-encoded inside).
@@ -224,6 +244,9 @@ def make_sampler(
         raise ValueError(f"strength must be in (0, 1], and below 1 only with a source; got {strength}")
     if with_source and not condition_on_source and strength >= 1.0:
         raise ValueError("a source that only sets the start (condition_on_source=False) needs strength < 1")
+    heun, dpm = step_fn is flow.heun_step, step_fn is flow.dpm_solver_2m_step
+    if stochastic and (heun or dpm):
+        raise ValueError("the heun and dpm++2m rules are deterministic: build them with stochastic=False")
     denoiser = denoiser if denoiser is not None else build_denoiser(cfg)
     vae = vae if vae is not None else build_vae(cfg)
     ts = np.asarray(flow.time_grid(steps, shift), np.float32) * np.float32(strength)  # static: a constant
@@ -281,22 +304,53 @@ def make_sampler(
         plan_struct = jax.eval_shape(lambda z: denoise(z, 1.0, None, False)[1], noise_BxhxwxC)
         plan0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), plan_struct)
 
+        def velocity(z, t, plan, has_prev):
+            """One denoiser evaluation: the (guided) velocity at (z, t) and the new plan."""
+            v_N, new_plan = denoise(z, t, plan, has_prev)
+            return (flow.guidance(v_N[:b], v_N[b:], scale) if guidance else v_N), new_plan
+
         def body(carry, x):
             z, plan = carry
             t, t_next, first, *step_key = x  # step_key: [a PRNG key] for a stochastic rule, else []
-            v_N, new_plan = denoise(z, t, plan, jnp.logical_not(first))
-            v = flow.guidance(v_N[:b], v_N[b:], scale) if guidance else v_N
+            v, new_plan = velocity(z, t, plan, jnp.logical_not(first))
             z_next = constrain(step_fn(z, v, t, t_next, *step_key).astype(jnp.float32))
             return (z_next, new_plan), (new_plan if keep_plans else None)
 
-        xs = (jnp.asarray(ts[:-1]), jnp.asarray(ts[1:]), jnp.arange(steps) == 0)
-        if stochastic:
-            xs = (*xs, jax.random.split(key, steps))
+        def heun_body(carry, x):  # one evaluation of a Heun step (`_heun_schedule`)
+            z, v_prev, plan = carry
+            t, t_next, phase, first = x
+            correct = phase == _CORRECT
+            z_eval = constrain(jnp.where(correct, flow.euler_step(z, v_prev, t, t_next), z))
+            v, new_plan = velocity(z_eval, jnp.where(correct, t_next, t), plan, jnp.logical_not(first))
+            stepped = jnp.where(correct, flow.heun_step(z, v_prev, v, t, t_next), flow.euler_step(z, v, t, t_next))
+            z_next = constrain(jnp.where(phase == _PREDICT, z, stepped))
+            return (z_next, v, new_plan), (new_plan if keep_plans else None)
+
+        def dpm_body(carry, x):
+            z, x0_prev, plan = carry
+            t, first, ratio, slope = x
+            v, new_plan = velocity(z, t, plan, jnp.logical_not(first))
+            x0 = x0_from_velocity(z, v, t)
+            z_next = constrain(flow.dpm_solver_2m_step(z, x0, x0_prev, ratio, slope))
+            return (z_next, x0, new_plan), (new_plan if keep_plans else None)
+
         z0 = noise_BxhxwxC.astype(jnp.float32)
         if strength < 1.0:  # SDEdit: start from the source latent, noised to t = strength
             z0 = flow.interpolate(source, z0, jnp.full((b,), strength, jnp.float32))
         z0 = constrain(z0)
-        (z, _), plans = jax.lax.scan(body, (z0, plan0), xs)
+        if heun:
+            t_e, t_next_e, phase_e = _heun_schedule(ts)
+            xs = (jnp.asarray(t_e), jnp.asarray(t_next_e), jnp.asarray(phase_e), jnp.arange(len(t_e)) == 0)
+            (z, _, _), plans = jax.lax.scan(heun_body, (z0, jnp.zeros_like(z0), plan0), xs)
+        elif dpm:
+            ratio, slope = flow.dpm_solver_2m_coefficients(ts)
+            xs = (jnp.asarray(ts[:-1]), jnp.arange(steps) == 0, *(jnp.asarray(c, jnp.float32) for c in (ratio, slope)))
+            (z, _, _), plans = jax.lax.scan(dpm_body, (z0, jnp.zeros_like(z0), plan0), xs)
+        else:
+            xs = (jnp.asarray(ts[:-1]), jnp.asarray(ts[1:]), jnp.arange(steps) == 0)
+            if stochastic:
+                xs = (*xs, jax.random.split(key, steps))
+            (z, _), plans = jax.lax.scan(body, (z0, plan0), xs)
         images = None
         if decode:
             vvars = _variables(params["vae"])
@@ -315,13 +369,33 @@ def make_sampler(
     return jax.jit(sample, compiler_options=dict(LOW_MEMORY_COMPILER_OPTIONS) if use else None)
 
 
+# The phases of a Heun evaluation (`make_sampler`'s `heun_body`): an Euler step (the last step, to
+# t = 0), a predictor (z kept, v stored) and a corrector (at the predicted point, then the trapezoid).
+_EULER, _PREDICT, _CORRECT = 0, 1, 2
+
+
+def _heun_schedule(ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per denoiser evaluation of Heun on the grid `ts` (S + 1,): the step's (t, t_next) and the phase.
+
+    Steps 0 .. S-2 are a predictor and a corrector each, the last step a plain Euler step: 2S - 1 rows.
+    """
+    s = len(ts) - 1
+    k = np.concatenate([np.repeat(np.arange(s - 1), 2), [s - 1]])
+    phase = np.array([_PREDICT, _CORRECT] * (s - 1) + [_EULER], np.int32)
+    return ts[k], ts[k + 1], phase
+
+
 def step_rule(sampler: str) -> tuple[StepFn, bool]:
-    """`(step_fn, stochastic)` of a sampler name in SAMPLERS ("euler" or "consistency")."""
-    if sampler == "euler":
-        return flow.euler_step, False
-    if sampler == "consistency":
-        return consistency_step, True
-    raise ValueError(f"unknown sampler {sampler!r}; samplers are {', '.join(SAMPLERS)}")
+    """`(step_fn, stochastic)` of a sampler name in SAMPLERS ("euler", "consistency", "heun", "dpm++2m")."""
+    rules = {
+        "euler": (flow.euler_step, False),
+        "consistency": (consistency_step, True),
+        "heun": (flow.heun_step, False),
+        "dpm++2m": (flow.dpm_solver_2m_step, False),
+    }
+    if sampler not in rules:
+        raise ValueError(f"unknown sampler {sampler!r}; samplers are {', '.join(SAMPLERS)}")
+    return rules[sampler]
 
 
 @functools.lru_cache(maxsize=16)
@@ -340,7 +414,7 @@ def get_sampler(
 
     Args:
       cfg, steps, guidance, shift, with_source, vae_tile, low_memory: see `make_sampler`.
-      sampler: the step rule by name (`step_rule`); "consistency" needs the `key` argument.
+      sampler: the step rule by name (`step_rule`, SAMPLERS); "consistency" needs the `key` argument.
 
     Returns:
       The jitted sampler (shared by every caller asking for the same configuration).

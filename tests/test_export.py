@@ -41,6 +41,7 @@ TINY = [
     "model.latent_channels=4",
     "model.text.embed_dim=48",
     "model.vae.channels=(8,16)",
+    "train.vae.pretrained=",  # train the tiny VAE (the shipped nano weights do not fit it)
     "model.vae.downsample_factor=4",
     "model.backbone.patch_size=1",  # nano's 2 has its own test (test_patchified_backbone_parity_with_source)
     "model.vae.scaling_factor=0.5",  # a non-trivial latent normalisation

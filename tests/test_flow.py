@@ -101,3 +101,61 @@ def test_cell_weight_map_follows_the_3x3_grid():
     for b, cell in ((0, 0), (0, 4), (1, 8)):
         expected[b, band[cell // 3], band[cell % 3]] = 5.0
     np.testing.assert_array_equal(w, expected)
+
+
+def test_heun_step_hand_computed_on_a_linear_field():
+    field = lambda z, t: 0.5 * z + 2.0 * t
+    z, t, t_next = jnp.array([[2.0, -1.0]]), 0.75, 0.5
+    v = field(z, t)  # [2.5, 1.0]
+    z_pred = flow.euler_step(z, v, t, t_next)  # the predictor: [1.375, -1.25]
+    v_next = field(z_pred, t_next)  # [1.6875, 0.375]
+    # z - 0.25 * mean of the velocities: 2 - 0.25 * 2.09375, -1 - 0.25 * 0.6875
+    np.testing.assert_allclose(flow.heun_step(z, v, v_next, t, t_next), [[1.4765625, -1.171875]], rtol=1e-7)
+    # The trapezoid is exact for a velocity linear in t: z - (b / 2)(t^2 - t_next^2).
+    v_t = lambda t: jnp.full_like(z, 2.0 * t)
+    np.testing.assert_allclose(flow.heun_step(z, v_t(t), v_t(t_next), t, t_next), z - (0.75**2 - 0.25), rtol=1e-7)
+
+
+def dpm_solver_2m_textbook(z, x0, x0_prev, t_prev, t, t_next):
+    """DPM-Solver++(2M)'s step as diffusers writes it (midpoint form, alpha = 1 - t, sigma = t), float64."""
+    lam = lambda s: np.log((1 - s) / s)
+    h, h_0 = lam(t_next) - lam(t), lam(t) - lam(t_prev)
+    d1 = (x0 - x0_prev) * h / h_0
+    return t_next / t * z - (1 - t_next) * np.expm1(-h) * (x0 + 0.5 * d1)
+
+
+def test_dpm_solver_2m_steps_hand_computed_on_a_linear_field():
+    field = lambda z, t: 0.5 * z + 2.0 * t
+    ts = np.array([0.75, 0.5, 0.25, 0.0])
+    ratio, slope = flow.dpm_solver_2m_coefficients(ts)
+    # lambda(0.75) = -log 3, lambda(0.5) = 0, lambda(0.25) = log 3: equal steps, so slope_1 = (1 - 1/2) / 2.
+    np.testing.assert_allclose(ratio, [2 / 3, 0.5, 0.0], rtol=1e-15)
+    np.testing.assert_allclose(slope, [0.0, 0.25, 0.0], rtol=1e-15)  # first and last steps: first order
+    z = jnp.array([2.0])
+    x0_prev = z - 0.75 * field(z, 0.75)  # 0.125
+    z = flow.dpm_solver_2m_step(z, x0_prev, jnp.zeros(1), ratio[0], slope[0])
+    np.testing.assert_allclose(z, [1.375], rtol=1e-7)  # the first-order step is Euler's: 2 - 0.25 * 2.5
+    x0 = z - 0.5 * field(z, 0.5)  # 1.375 - 0.5 * 1.6875 = 0.53125
+    z = flow.dpm_solver_2m_step(z, x0, x0_prev, ratio[1], slope[1])
+    # 0.5 * 1.375 + 0.5 * 0.53125 + 0.25 * (0.53125 - 0.125)
+    np.testing.assert_allclose(z, [1.0546875], rtol=1e-7)
+    np.testing.assert_allclose(z, dpm_solver_2m_textbook(1.375, 0.53125, 0.125, 0.75, 0.5, 0.25), rtol=1e-7)
+    x0_last = z - 0.25 * field(z, 0.25)
+    np.testing.assert_allclose(flow.dpm_solver_2m_step(z, x0_last, x0, ratio[2], slope[2]), x0_last, rtol=1e-7)
+
+
+def test_dpm_solver_2m_coefficients_match_the_textbook_step_on_a_shifted_grid():
+    """On unequal lambda steps (a shifted grid from t = 1) every inner step equals diffusers' formula;
+    step 1 has slope 0: lambda(1) = -inf, so the extrapolation through the first point is flat."""
+    ts = np.asarray(flow.time_grid(6, shift=3.0), np.float64)
+    ratio, slope = flow.dpm_solver_2m_coefficients(ts)
+    assert slope[0] == slope[1] == slope[-1] == 0.0 and np.all(slope[2:-1] > 0)
+    rng = np.random.default_rng(0)
+    for k in range(2, 5):
+        z, x0, x0_prev = rng.standard_normal((3, 5))
+        got = flow.dpm_solver_2m_step(jnp.asarray(z), jnp.asarray(x0), jnp.asarray(x0_prev), ratio[k], slope[k])
+        want = dpm_solver_2m_textbook(z, x0, x0_prev, ts[k - 1], ts[k], ts[k + 1])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for bad in ([1.0], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]):
+        with pytest.raises(ValueError, match="must decrease"):
+            flow.dpm_solver_2m_coefficients(np.asarray(bad))

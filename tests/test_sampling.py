@@ -35,6 +35,7 @@ TINY = [
     "model.latent_channels=4",
     "model.text.embed_dim=48",
     "model.vae.channels=(8,16)",
+    "train.vae.pretrained=",  # train the tiny VAE (the shipped nano weights do not fit it)
     "model.vae.downsample_factor=4",
     # A non-trivial latent normalisation, so the reference checks where it is applied.
     "model.vae.scaling_factor=0.5",
@@ -212,6 +213,121 @@ def test_euler_steps_on_a_known_velocity_field(cfg):
     np.testing.assert_allclose(z, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="steps must be at least 1"):
         sampling.make_sampler(cfg, 0)
+
+
+class GaussianField(nn.Module):
+    """A denoiser test double: the exact rectified-flow velocity of data z0 ~ N(mu, s^2) per channel,
+    E[eps - z0 | z_t] = (t - (1 - t) s^2) / var_t (z_t - (1 - t) mu) - mu, var_t = (1 - t)^2 s^2 + t^2.
+    Its ODE carries the noise eps at t = 1 to mu + s eps at t = 0."""
+
+    mu: tuple[float, ...]
+    s: tuple[float, ...]
+
+    def __call__(self, z, t, text, **kw):
+        mu, s2, t = jnp.asarray(self.mu), jnp.square(jnp.asarray(self.s)), t[:, None, None, None]
+        var = (1 - t) ** 2 * s2 + t**2
+        return (t - (1 - t) * s2) / var * (z - (1 - t) * mu) - mu, None
+
+
+def test_second_order_samplers_beat_euler_and_converge_at_second_order_on_a_gaussian_ode(cfg, relerr):
+    mu, s = (0.5, -1.0, 0.2, 1.5), (0.3, 0.5, 1.5, 0.8)
+    noise = sampling.initial_noise(3, 8, (4, 6), 4)
+    exact = np.asarray(mu) + np.asarray(s) * np.asarray(noise, np.float64)
+    err = {}
+    for rule, counts in (
+        ("euler", (7, 8, 15, 16, 32, 64)),
+        ("dpm++2m", (7, 8, 15, 16, 32, 64)),
+        ("heun", (4, 8, 16, 32)),
+    ):
+        for steps in counts:
+            fn = sampling.make_sampler(
+                cfg,
+                steps,
+                guidance=False,
+                decode=False,
+                step_fn=sampling.step_rule(rule)[0],
+                denoiser=GaussianField(mu, s),
+            )
+            err[rule, steps] = relerr(
+                fn({"denoiser": {}, "vae": {}}, fake_text(0, 8), None, noise, 1.0).latent_BxhxwxC, exact
+            )
+    for n in (4, 8):  # equal evaluations: Heun's n steps cost 2n - 1
+        nfe = 2 * n - 1
+        assert err["heun", n] < 0.5 * err["euler", nfe] and err["dpm++2m", nfe] < 0.5 * err["euler", nfe], err
+    order = lambda rule, counts: [float(np.log2(err[rule, a] / err[rule, b])) for a, b in zip(counts, counts[1:])]
+    orders = {"euler": order("euler", (8, 16, 32, 64)), "heun": order("heun", (4, 8, 16, 32))}
+    orders["dpm++2m"] = order("dpm++2m", (8, 16, 32, 64))
+    print({k: f"{v:.2e}" for k, v in err.items()}, {k: [round(p, 2) for p in v] for k, v in orders.items()})
+    assert all(0.85 < p < 1.15 for p in orders["euler"]), orders
+    assert all(p > 1.85 for p in orders["heun"]), orders
+    # DPM-Solver++(2M) reaches order 2 more slowly here: near t = 0 the uniform t grid's steps in
+    # lambda = log((1 - t) / t) stay ~log 2 long (measured 2.1, 1.2, 1.5; 1.75 at 128 -> 256 steps;
+    # on [0.98, 0.02] it is 2.0 from 16 steps on).
+    assert np.mean(orders["dpm++2m"]) > 1.5 and min(orders["dpm++2m"]) > 1.1, orders
+
+
+class GuidedClock(nn.Module):
+    """A denoiser test double: v = a z + b t + the first pooled text feature; its plan (N, 1, 2) is
+    (evaluations so far along the carried chain, this evaluation's t)."""
+
+    a: float
+    b: float
+
+    def __call__(self, z, t, text, *, prev_plan_BxKxD=None, has_prev_B=None, **kw):
+        count = jnp.zeros_like(t) if prev_plan_BxKxD is None else jnp.where(has_prev_B, prev_plan_BxKxD[:, 0, 0], 0.0)
+        v = self.a * z + self.b * t[:, None, None, None] + text.pooled[:, :1, None, None]
+        return v, jnp.stack([count + 1, t], -1)[:, None]
+
+
+def test_heun_and_dpm_guide_every_evaluation_and_thread_the_plan_through_them(cfg):
+    """Against float64 loops (diffusers' DPM-Solver++ formula in lambda): CFG at every evaluation,
+    Heun's 2S - 1 evaluations (predictor at t_k, corrector at t_{k+1}, a last Euler step), and the
+    plan started from the previous evaluation's, the first from p_init (the count restarts)."""
+    a, b, scale, steps, shift = 0.7, -0.4, 3.0, 3, 2.0
+    text, uncond = fake_text(1), fake_text(2, 1, empty=True)
+    noise = sampling.initial_noise(4, B, (2, 3), 4)
+    mix = np.asarray(uncond.pooled[:, 0], np.float64) + scale * np.asarray(text.pooled[:, 0] - uncond.pooled[:, 0])
+    field = lambda z, t: a * z + b * t + mix[:, None, None, None]
+    ts = np.asarray(flow.time_grid(steps, shift), np.float64)
+    out = {}
+    for rule in ("heun", "dpm++2m"):
+        fn = sampling.make_sampler(
+            cfg, steps, decode=False, keep_plans=True, shift=shift, step_fn=sampling.step_rule(rule)[0],
+            denoiser=GuidedClock(a, b),
+        )  # fmt: skip
+        out[rule] = fn({"denoiser": {}, "vae": {}}, text, uncond, noise, scale)
+    z = np.asarray(noise, np.float64)
+    for k in range(steps):
+        v, dt = field(z, ts[k]), ts[k] - ts[k + 1]
+        z = z - dt * v if k == steps - 1 else z - dt / 2 * (v + field(z - dt * v, ts[k + 1]))
+    np.testing.assert_allclose(out["heun"].latent_BxhxwxC, z, rtol=1e-5, atol=1e-5)
+    with np.errstate(divide="ignore"):
+        lam = np.log((1 - ts) / ts)  # -inf at t = 1, +inf at t = 0
+    z, x0_prev = np.asarray(noise, np.float64), None
+    for k in range(steps):
+        x0 = z - ts[k] * field(z, ts[k])
+        d1 = 0.0 if k in (0, steps - 1) else (x0 - x0_prev) * (lam[k + 1] - lam[k]) / (lam[k] - lam[k - 1])
+        z, x0_prev = ts[k + 1] / ts[k] * z - (1 - ts[k + 1]) * np.expm1(lam[k] - lam[k + 1]) * (x0 + 0.5 * d1), x0
+    np.testing.assert_allclose(out["dpm++2m"].latent_BxhxwxC, z, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(out["heun"].latent_BxhxwxC) - z).mean() > 1e-3  # two different rules
+    for rule, times in (("heun", ts[[0, 1, 1, 2, 2]]), ("dpm++2m", ts[:3])):
+        plans = np.asarray(out[rule].plans_SxNxKxD)  # (evaluations, 2B, 1, 2)
+        assert plans.shape == (len(times), 2 * B, 1, 2)
+        np.testing.assert_array_equal(plans[..., 0, 0], np.arange(1, len(times) + 1)[:, None] * np.ones(2 * B))
+        np.testing.assert_allclose(plans[:, 0, 0, 1], times, rtol=1e-6)
+
+
+def test_unknown_sampler_is_a_value_error_naming_the_samplers(cfg):
+    message = r"unknown sampler 'bogus'; samplers are euler, consistency, heun, dpm\+\+2m"
+    with pytest.raises(ValueError, match=message):
+        sampling.step_rule("bogus")
+    with pytest.raises(ValueError, match=message):
+        sampling.get_sampler(cfg, 2, sampler="bogus")
+    pipe = MicroForgePipeline(load_config("nano", TINY), {"vae": {}, "denoiser": {}}, FakeEncoder())
+    with pytest.raises(SampleError, match=message):
+        pipe.generate(["a red circle"], steps=2, sampler="bogus")
+    with pytest.raises(ValueError, match="deterministic"):
+        sampling.make_sampler(cfg, 2, step_fn=flow.heun_step, stochastic=True)
 
 
 def test_strength_starts_from_the_noised_source_on_a_known_field(cfg, params):
@@ -412,6 +528,15 @@ def test_sample_script_writes_pngs_and_timing(sample_main, run_dir, tmp_path, ca
     assert "per image" in captured.out and "compile" in captured.out
 
 
+def test_sample_script_samples_with_heun(sample_main, run_dir, tmp_path, capsys):
+    workdir, _ = run_dir
+    argv = ["--workdir", str(workdir), "--prompt", "a red circle", "--steps", "2", "--size", f"{H}x{W}"]
+    rc = cli.run(sample_main, argv + ["--sampler", "heun", "--out", str(tmp_path / "heun")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "2 heun steps" in captured.out and len(list((tmp_path / "heun").glob("0*.png"))) == 1
+
+
 def test_sample_script_low_memory_gives_the_same_pngs(sample_main, run_dir, tmp_path, capsys):
     workdir, _ = run_dir
     argv = ["--workdir", str(workdir), "--prompt", "a red circle", "--steps", "2", "--size", f"{H}x{W}"]
@@ -437,6 +562,7 @@ def test_sample_script_low_memory_gives_the_same_pngs(sample_main, run_dir, tmp_
         (["--cfg", "-1"], "must be >= 0"),
         (["--vae-tile", "-2"], "--vae-tile must be >= 0"),
         (["--strength", "0.5"], "needs a source image"),
+        (["--sampler", "bogus"], "unknown sampler 'bogus'; samplers are euler, consistency, heun, dpm++2m"),
         (["--source", "{images}/src.png"], "give a strength below 1"),
         (["--task", "edit", "--source", "{images}/src.png", "--strength", "1.5"], "strength must be in (0, 1]"),
     ],

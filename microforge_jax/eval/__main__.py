@@ -10,6 +10,10 @@
   python -m microforge_jax.eval --images DIR [--scenes scenes.json] --split heldout --out eval.json
       scores PNGs named by prompt index (`7.png`, `00007.png`); scenes come from --scenes (a JSON list
       of scene dicts, or the --dump-prompts file), else DIR/scenes.json, else the split's prompts.
+  python -m microforge_jax.eval --workdir runs/tiny --data DIR --fid --inception inception.safetensors \
+      --clip-score --clip CLIP_FOLDER [--num 1000 --seeds 2]
+      FID and CLIP score against a captioned image folder (microforge_jax.eval.reference_eval;
+      writes <workdir>/fid_clip.json).
 Bad input prints one line on stderr and exits with status 2.
 """
 
@@ -57,7 +61,36 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--sampler", choices=("euler", "consistency", "heun", "dpm++2m"), default=None,
         help="step rule (--workdir); default: consistency at <= 4 steps for a consistency-distilled run, else euler",
     )  # fmt: skip
+    p.add_argument("--fid", action="store_true", help="--workdir --data: FID against the folder (needs --inception)")
+    p.add_argument("--clip-score", action="store_true", help="--workdir --data: CLIP score (needs --clip)")
+    p.add_argument("--data", type=Path, default=None, help="reference folder: images + metadata.jsonl or .txt captions")
+    p.add_argument("--inception", type=Path, default=None, help="FID Inception weights (.safetensors, see README)")
+    p.add_argument("--clip", type=Path, default=None, help="a Hugging Face CLIPModel folder (with model.safetensors)")
     return p.parse_args(argv)
+
+
+def _check_reference_args(args: argparse.Namespace) -> None:
+    """The --fid / --clip-score flags, checked before anything is loaded."""
+    from microforge_jax.data.imagefolder import scan_folder  # noqa: PLC0415
+
+    if args.workdir is None:
+        raise InputError("--fid and --clip-score evaluate a run: give --workdir")
+    if args.data is None:
+        raise InputError("--fid and --clip-score need --data, a folder of captioned reference images")
+    if args.fid and args.inception is None:
+        raise InputError(
+            "--fid needs --inception, the FID Inception weights (python -m microforge_jax.eval.inception "
+            "--convert pt_inception-2015-12-05-6726825d.pth --out inception.safetensors)"
+        )
+    if args.fid and not args.inception.is_file():
+        raise InputError(f"--inception weights file not found: {args.inception}")
+    if args.clip_score and args.clip is None:
+        raise InputError("--clip-score needs --clip, a Hugging Face CLIPModel folder")
+    if args.clip_score and not (args.clip / "config.json").is_file():
+        raise InputError(f"--clip folder not found or without config.json: {args.clip}")
+    if not args.workdir.is_dir():
+        raise InputError(f"--workdir not found: {args.workdir}")
+    scan_folder(args.data)  # a missing folder or one without captioned images: ImageFolderError
 
 
 def _load_scenes(path: Path) -> list[Scene] | dict[int, Scene]:
@@ -106,6 +139,23 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         raise InputError(f"--num must be positive, got {args.num}")
     if args.resolution < 12:
         raise InputError(f"--resolution must be at least 12, got {args.resolution}")
+    if args.fid or args.clip_score:
+        _check_reference_args(args)
+        if args.steps < 1:
+            raise InputError(f"--steps must be at least 1, got {args.steps}")
+        if args.seeds < 1:
+            raise InputError(f"--seeds must be at least 1, got {args.seeds}")
+        from microforge_jax.eval import reference_eval  # noqa: PLC0415 (loads jax and the models)
+
+        result = reference_eval.evaluate_reference(
+            args.workdir, args.data, inception=args.inception if args.fid else None,
+            clip=args.clip if args.clip_score else None, num=args.num, steps=args.steps, cfg=args.cfg,
+            seed=args.seed, seeds=args.seeds, sampler=args.sampler,
+        )  # fmt: skip
+        print(reference_eval.format_result(result))
+        out = reference_eval.write_result(result, args.out or args.workdir / reference_eval.RESULT_FILE)
+        print(f"wrote {out}")
+        return None
     if args.workdir is not None:
         from microforge_jax.eval import model_eval  # noqa: PLC0415 (loads jax and the model)
 

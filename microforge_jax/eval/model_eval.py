@@ -118,7 +118,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluates a run (see the module docstring); writes `<workdir>/eval.json` and a sample grid.
 
-    `sampler` ("euler" or "consistency") picks the step rule; None: the pipeline's default (the
+    `sampler` (one of `sampling.SAMPLERS`) picks the step rule; None: the pipeline's default (the
     consistency sampler at <= 4 steps for a consistency-distilled run, Euler otherwise).
     `edit_strength`: the edits' `strength` (1: from pure noise; below 1 from the noised source).
 

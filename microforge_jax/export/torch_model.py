@@ -32,7 +32,7 @@ from torch import Tensor, nn
 NUM_TASKS, NUM_MOD = 4, 6
 X_PRED_MIN_T = 0.05  # x-prediction: the smallest t the velocity (z_t - x0) / t divides by
 TASKS = ("generate", "edit", "inpaint", "sr")
-SAMPLERS = ("euler", "consistency")
+SAMPLERS = ("euler", "consistency", "heun", "dpm++2m")
 BOS_ID, EOS_ID, PAD_ID, SIMPLE_VOCAB = 256, 257, 258, 259
 
 
@@ -933,6 +933,32 @@ def consistency_step(z: Tensor, v: Tensor, t: Tensor, t_next: Tensor, eps: Tenso
     return (1.0 - t_next) * x0 + t_next * eps
 
 
+def heun_step(z: Tensor, v: Tensor, v_next: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+    """The corrector of a Heun step (`flow.heun_step`): z - (t - t_next) (v + v_next) / 2, with `v_next`
+    the velocity at the Euler predictor `euler_step(z, v, t, t_next)`, time t_next."""
+    return z - (t - t_next) * (0.5 * (v + v_next))
+
+
+def dpm_solver_2m_coefficients(ts: Tensor) -> tuple[Tensor, Tensor]:
+    """DPM-Solver++(2M)'s per-step (ratio, slope) on a time grid (`flow.dpm_solver_2m_coefficients`),
+    computed in float64 and returned as fp32 (S,) tensors: ratio_k = t_{k+1} / t_k and
+    slope_k = (1 - ratio_k) h_k / (2 h_{k-1}), h_k = lambda_{k+1} - lambda_k, lambda = log((1 - t) / t);
+    the first and the last step (to t = 0) are first order (slope 0)."""
+    t = ts.detach().cpu().numpy().astype(np.float64)
+    ratio = t[1:] / t[:-1]
+    with np.errstate(divide="ignore"):
+        lam = np.log1p(-t) - np.log(t)  # -inf at t = 1, +inf at t = 0
+    slope = np.zeros_like(ratio)
+    for k in range(1, len(ratio) - 1):
+        slope[k] = 0.5 * (1.0 - ratio[k]) * (lam[k + 1] - lam[k]) / (lam[k] - lam[k - 1])
+    return tuple(torch.tensor(c, dtype=torch.float32, device=ts.device) for c in (ratio, slope))
+
+
+def dpm_solver_2m_step(z: Tensor, x0: Tensor, x0_prev: Tensor, ratio: Tensor, slope: Tensor) -> Tensor:
+    """One DPM-Solver++(2M) step (`flow.dpm_solver_2m_step`): ratio z + (1 - ratio) x0 + slope (x0 - x0_prev)."""
+    return ratio * z + (1.0 - ratio) * x0 + slope * (x0 - x0_prev)
+
+
 class MicroForgeTorch(nn.Module):
     """The exported model: `vae`, `denoiser` and (for the simple encoder) `text`, plus the sampler.
 
@@ -996,13 +1022,18 @@ class MicroForgeTorch(nn.Module):
     ) -> tuple[Tensor | None, Tensor]:
         """From t=1 to 0 with CFG on a stacked [cond ; uncond] batch and the plan carried.
 
+        Every denoiser evaluation is guided and starts the planner from the previous evaluation's
+        plan (for Heun, the corrector from its predictor's, the next step from the corrector's).
+
         Args:
           text, uncond: (tokens, mask, pooled) of the prompts and of the empty prompt (batch 1 is
             broadcast); `uncond=None` samples without guidance.
           noise_BxCxhxw: N(0, 1) in the backbone's normalised latent space.
           scale: guidance scale; steps: sampler steps S; shift: time-grid shift.
           source_Bx3xHxW: the source image in [-1, 1] for edit / inpaint / sr (task 1 / 2 / 3).
-          sampler: the step rule, "euler" (`euler_step`) or "consistency" (`consistency_step`: denoise
+          sampler: the step rule, "euler" (`euler_step`), "heun" (`heun_step`: 2 evaluations a step,
+            the last step to t = 0 a plain Euler step: 2S - 1 in all), "dpm++2m" (`dpm_solver_2m_step`:
+            one evaluation a step, the previous x0 reused) or "consistency" (`consistency_step`: denoise
             to x0, re-noise with fresh noise each step; for consistency-distilled weights).
           generator: where the consistency rule draws its step noise (one (B, C, h, w) draw per
             step); None: torch's global generator.
@@ -1036,11 +1067,25 @@ class MicroForgeTorch(nn.Module):
             source = torch.cat([source, source]) if guided else source
         ts = time_grid(steps, shift, noise_BxCxhxw.device)
         z, plan = noise_BxCxhxw.float(), None
-        for k in range(steps):
+
+        def velocity(z: Tensor, t: Tensor) -> Tensor:
+            nonlocal plan
             z_N = torch.cat([z, z]) if guided else z
-            v_N, plan = self.denoiser(z_N, ts[k].expand(n), *text, plan, None, task_N, source)
-            v = v_N[b:] + scale * (v_N[:b] - v_N[b:]) if guided else v_N
-            if consistency:
+            v_N, plan = self.denoiser(z_N, t.expand(n), *text, plan, None, task_N, source)
+            return v_N[b:] + scale * (v_N[:b] - v_N[b:]) if guided else v_N
+
+        if sampler == "dpm++2m":
+            ratio, slope = dpm_solver_2m_coefficients(ts)
+            x0_prev = torch.zeros_like(z)
+        for k in range(steps):
+            v = velocity(z, ts[k])
+            if sampler == "heun" and k < steps - 1:  # the last step, to t = 0, stays an Euler step
+                v_next = velocity(euler_step(z, v, ts[k], ts[k + 1]), ts[k + 1])
+                z = heun_step(z, v, v_next, ts[k], ts[k + 1])
+            elif sampler == "dpm++2m":
+                x0 = z - ts[k] * v
+                z, x0_prev = dpm_solver_2m_step(z, x0, x0_prev, ratio[k], slope[k]), x0
+            elif consistency:
                 if step_noise_SxBxCxhxw is not None:
                     eps = step_noise_SxBxCxhxw[k]
                 else:
@@ -1074,8 +1119,8 @@ class MicroForgeTorch(nn.Module):
         reproduce a JAX sample); the consistency rule's step noise continues that generator's stream.
 
         Args:
-          sampler: "euler" or "consistency"; None: `resolve_sampler` (consistency for
-            consistency-distilled weights at steps <= 4, as the JAX pipeline).
+          sampler: "euler", "heun", "dpm++2m" or "consistency" (see `sample`); None: `resolve_sampler`
+            (consistency for consistency-distilled weights at steps <= 4, as the JAX pipeline).
           shift: time-grid shift; None: `default_shift(sampler)`, what the weights trained with.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)

@@ -238,12 +238,13 @@ class MicroForgePipeline:
     # ------------------------------------------------------------------------- internals
 
     def check_size(self, size: tuple[int, int]) -> None:
-        """Raises SampleError unless `size` is (H, W) of positive multiples of the VAE factor."""
-        f = self.model_cfg.vae.downsample_factor
-        if len(size) != 2 or min(size) < 1 or size[0] % f or size[1] % f:
+        """Raises SampleError unless `size` is (H, W) of positive multiples of the VAE factor x patch size."""
+        f, p = self.model_cfg.vae.downsample_factor, self.model_cfg.backbone.patch_size
+        if len(size) != 2 or min(size) < 1 or size[0] % (f * p) or size[1] % (f * p):
+            why = "the VAE's compression factor" + (f" {f} x model.backbone.patch_size {p}" if p > 1 else "")
             raise SampleError(
                 f"image size {'x'.join(map(str, size))} is not supported: height and width must be positive "
-                f"multiples of {f} (the VAE's compression factor)"
+                f"multiples of {f * p} ({why})"
             )
 
     def resolve_sampler(self, sampler: str | None, steps: int) -> str:

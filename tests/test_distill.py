@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from helpers import TINY
 
 from microforge_jax import checkpoint, cli, distill, flow, sampling, train_lib
 from microforge_jax.config import ModelConfig, load_config
 from microforge_jax.models.denoiser import Text, build_denoiser
 from microforge_jax.train_steps import FlowStep
-from tests.test_train import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 B, M, E = 4, 6, 48

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config as _config
 from safetensors.torch import save_file
-from test_train import _config
 
 from microforge_jax import lpips
 from microforge_jax.config import ConfigError

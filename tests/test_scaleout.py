@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import TINY
 from jax.sharding import NamedSharding, PartitionSpec
-from test_train import TINY
 
 from microforge_jax import checkpoint, optim, sharding, train_steps
 from microforge_jax.config import ModelConfig, load_config

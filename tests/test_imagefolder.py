@@ -62,7 +62,7 @@ def test_folder_without_captions_is_refused(tmp_path):
 
 
 def test_training_on_a_folder_counts_skipped_images(tmp_path):
-    from test_train import _config
+    from helpers import tiny_config as _config
 
     from microforge_jax import train_lib
 

@@ -479,8 +479,12 @@ def test_pipeline_runs_all_four_tasks(pipe):
     mask[4:12, 8:16] = True
     assert pipe.inpaint(gen[0], mask, "fill it", steps=2, cfg=3.0).shape == (1, H, W, 3)
     assert pipe.super_resolve(gen[0][::4, ::4], "a red circle", steps=2, cfg=3.0).shape == (1, H, W, 3)
-    with pytest.raises(ValueError, match="multiples of 4"):
+    with pytest.raises(
+        ValueError, match=r"multiples of 8 \(the VAE's compression factor 4 x model.backbone.patch_size 2\)"
+    ):
         pipe.generate(["x"], size=(18, 24))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        pipe.generate(["x"], size=(20, 24))  # a multiple of the VAE factor, not of factor x patch size
     with pytest.raises(ValueError, match="must match"):
         pipe.inpaint(gen[0], mask[:8], "x")
 
@@ -557,7 +561,7 @@ def test_sample_script_low_memory_gives_the_same_pngs(sample_main, run_dir, tmp_
         (["--workdir", "{norun}"], "no checkpoints"),
         (["--task", "edit", "--source", "{images}/broken.png"], "cannot read the source image"),
         (["--task", "inpaint", "--source", "{images}/src.png", "--mask", "{images}/small_mask.png"], "must match"),
-        (["--size", "18x24"], "multiples of 4"),
+        (["--size", "18x24"], "multiples of 8"),
         (["--steps", "0"], "steps must be"),
         (["--cfg", "-1"], "must be >= 0"),
         (["--vae-tile", "-2"], "--vae-tile must be >= 0"),

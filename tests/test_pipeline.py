@@ -107,8 +107,10 @@ def test_stage_batches_dtypes_and_fields():
     assert -1.0 <= vae["image"].min() < vae["image"].max() <= 1.0
 
     flow = _take(shapes_dataset("flow", batch_size=4, seed=0, image_size=SIZE, num_records=16, read_threads=0), 1)[0]
-    assert set(flow) == {"image", "text", "cells"} and flow["text"].shape == (4,)
+    assert set(flow) == {"image", "text", "cells", "attrs"} and flow["text"].shape == (4,)
     assert flow["cells"].dtype == np.float32 and flow["cells"].shape == (4, 9)
+    assert flow["attrs"].dtype == np.int32 and flow["attrs"].shape == (4, 9, 2)
+    assert ((flow["attrs"] > 0).sum(1) > 0).all()  # every scene has an object's labels
     assert flow["text"].dtype.kind == "U" and all(isinstance(t, str) and t for t in flow["text"])
 
     it = iter(shapes_dataset("edit", batch_size=6, seed=0, image_size=SIZE, num_records=16, read_threads=0))

@@ -644,7 +644,7 @@ def test_high_resolution_flow_stage_starts_from_the_flow_weights_at_a_larger_siz
 
     workdir = tmp_path / "run"
     shutil.copytree(finished_run[0], workdir)
-    hr = ("train.flow_hr.steps=2", "train.flow_hr.batch_size=4", "train.flow_hr.image_size=64", "sample_every=1")
+    hr = ("train.flow_hr.steps=2", "train.flow_hr.batch_size=8", "train.flow_hr.image_size=64", "sample_every=1")
     config = _config("stages=('vae','flow','flow_hr')", "final_eval.num=0", *hr)
     train_lib.train_and_evaluate(config, workdir)
     assert checkpoint.latest_steps(workdir)["flow_hr"] == 2

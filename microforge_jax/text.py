@@ -222,7 +222,18 @@ def _flax_name(family: str, hf_name: str) -> str | None:
     name = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name))  # pre-2019 BERT checkpoints
     if _IGNORED.fullmatch(name):
         return None
-    for pattern, target in _BERT_RULES if family == "bert" else _CLIP_RULES:
+    target = match_rules(_BERT_RULES if family == "bert" else _CLIP_RULES, name)
+    if target is None:
+        raise KeyError(hf_name)
+    return target
+
+
+def match_rules(rules: list[tuple[str, str]], name: str) -> str | None:
+    """The Flax path of a PyTorch tensor name by the first (regex, template) rule that matches, or None.
+
+    Groups: `p` (weight/bias -> kernel, scale or bias), `m` (q/k/v -> query/key/value), others verbatim.
+    """
+    for pattern, target in rules:
         m = re.fullmatch(pattern, name)
         if m:
             g = m.groupdict()
@@ -231,7 +242,7 @@ def _flax_name(family: str, hf_name: str) -> str | None:
             if "m" in g:
                 g["m"] = _QKV.get(g["m"], g["m"])
             return target.format(**g)
-    raise KeyError(hf_name)
+    return None
 
 
 def _safetensors_files(folder: Path) -> list[Path]:

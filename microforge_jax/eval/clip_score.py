@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -97,21 +96,13 @@ _VISION_RULES = [
     (r"encoder\.layers\.(?P<i>\d+)\.layer_norm(?P<n>1|2)\.(?P<p>weight|bias)", "layers_{i}/norm{n}/{p}"),
     (r"encoder\.layers\.(?P<i>\d+)\.mlp\.(?P<m>fc1|fc2)\.(?P<p>weight|bias)", "layers_{i}/mlp/{m}/{p}"),
 ]
-_QKV = {"q": "query", "k": "key", "v": "value"}
 
 
 def _vision_target(name: str) -> str | None:
     """The Flax path of a `vision_model.*` tensor, or None if no rule knows it."""
-    for pattern, target in _VISION_RULES:
-        m = re.fullmatch(pattern, name)
-        if m:
-            g = m.groupdict()
-            if "p" in g:
-                g["p"] = "bias" if g["p"] == "bias" else ("scale" if "norm" in target else "kernel")
-            if "m" in g:
-                g["m"] = _QKV.get(g["m"], g["m"])
-            return target.format(**g)
-    return None
+    from microforge_jax.text import match_rules  # noqa: PLC0415 (loads transformers)
+
+    return match_rules(_VISION_RULES, name)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
